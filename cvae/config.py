@@ -1,0 +1,266 @@
+"""Configs are plain YAML read into typed dataclasses and validated on load.
+
+An unknown key, a wrong type, an impossible value or a missing file is a
+`ConfigError` that names the key (as a dotted path) or the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cvae.grid import FACTORS, FACTOR_SIZES
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with the offending key or file named."""
+
+
+@dataclass
+class DataConfig:
+    generator: str = "render"  # render | import | scm (sample a dataset from the causal SCM)
+    official_path: Optional[str] = None  # the official .npz or .hdf5, for generator: import
+    num_shards: int = 8
+    strides: dict = field(default_factory=dict)  # e.g. {orientation: 4, pos_x: 2}
+    test_fraction: float = 0.1
+    # Held-out factor combinations: each entry maps factors to the classes it holds out,
+    # e.g. {shape: [2], scale: [5], pos_x: [16, 31]}; a list of two ints is an inclusive range
+    # only when written as {from: a, to: b}; a plain list names classes.
+    holdout: list = field(default_factory=list)
+    compression: str = "lzf"  # lzf | gzip
+    chunk_rows: int = 256
+    scm_samples: int = 0  # rows to sample for generator: scm
+
+    def validate(self, where: str) -> None:
+        _one_of(self.generator, ("render", "import", "scm"), f"{where}.generator")
+        if self.generator == "import" and not self.official_path:
+            raise ConfigError(f"{where}.official_path: required when generator is 'import'")
+        if self.official_path and self.generator == "import" and not Path(self.official_path).exists():
+            raise ConfigError(f"{where}.official_path: file not found: {self.official_path}")
+        _positive(self.num_shards, f"{where}.num_shards")
+        _positive(self.chunk_rows, f"{where}.chunk_rows")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"{where}.test_fraction: must be in [0, 1), got {self.test_fraction}")
+        for name, stride in self.strides.items():
+            if name not in FACTORS:
+                raise ConfigError(f"{where}.strides.{name}: unknown factor (expected one of {FACTORS})")
+            if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+                raise ConfigError(f"{where}.strides.{name}: must be a positive integer, got {stride!r}")
+        for i, rule in enumerate(self.holdout):
+            if not isinstance(rule, dict) or not rule:
+                raise ConfigError(f"{where}.holdout[{i}]: must be a mapping of factor to classes")
+            for name, classes in rule.items():
+                if name not in FACTORS:
+                    raise ConfigError(f"{where}.holdout[{i}].{name}: unknown factor")
+                if not isinstance(classes, list) or not all(
+                    isinstance(c, int) and 0 <= c < FACTOR_SIZES[name] for c in classes
+                ):
+                    raise ConfigError(
+                        f"{where}.holdout[{i}].{name}: must be a list of classes in "
+                        f"[0, {FACTOR_SIZES[name]})"
+                    )
+        _one_of(self.compression, ("lzf", "gzip"), f"{where}.compression")
+        if self.scm_samples < 0:
+            raise ConfigError(f"{where}.scm_samples: must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"  # mlp | conv
+    z_dim: int = 50
+    hidden: int = 1000  # width of the mlp's hidden layers
+
+    def validate(self, where: str) -> None:
+        _one_of(self.arch, ("mlp", "conv"), f"{where}.arch")
+        _positive(self.z_dim, f"{where}.z_dim")
+        _positive(self.hidden, f"{where}.hidden")
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2  # 0 runs Ray Train's local mode (in-process)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    threads_per_worker: int = 1
+    batch_size: int = 128
+    epochs: int = 10
+    lr: float = 1e-3
+    eval_every: int = 1
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    shuffle_buffer: int = 4096
+    max_steps_per_epoch: int = 0  # 0: a full pass; >0 caps an epoch (benchmarks, smoke tests)
+
+    def validate(self, where: str) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"{where}.num_workers: must be >= 0 (0 runs local mode)")
+        for key in ("cpus_per_worker", "threads_per_worker", "batch_size", "epochs",
+                    "eval_every", "keep_checkpoints", "shuffle_buffer"):
+            _positive(getattr(self, key), f"{where}.{key}")
+        if not self.lr > 0:
+            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.max_failures < -1:
+            raise ConfigError(f"{where}.max_failures: must be >= -1 (-1: retry forever)")
+        if self.max_steps_per_epoch < 0:
+            raise ConfigError(f"{where}.max_steps_per_epoch: must be >= 0")
+
+
+@dataclass
+class ScmConfig:
+    # The factor DAG as parent -> child edges over factor names; empty: dSprites' own
+    # independent factors.
+    edges: list = field(default_factory=list)
+    # Conditional tables: "uniform" (only without edges), "fit" (counted from the shards
+    # with add-`smoothing`), or "given" (read from `tables`).
+    tables: str = "uniform"
+    smoothing: float = 1.0
+    # For tables: given, per factor a nested list: the table of p(factor | parents), indexed
+    # by the parents' classes in the order of `edges`, last axis the factor's classes.
+    given: dict = field(default_factory=dict)
+    abduct_z: str = "mean"  # mean | sample: how z is abducted from q(z | x, y)
+
+    def validate(self, where: str) -> None:
+        for i, edge in enumerate(self.edges):
+            if not (isinstance(edge, list) and len(edge) == 2 and all(e in FACTORS for e in edge)):
+                raise ConfigError(f"{where}.edges[{i}]: must be [parent, child] factor names, got {edge!r}")
+        _one_of(self.tables, ("uniform", "fit", "given"), f"{where}.tables")
+        if self.tables == "uniform" and self.edges:
+            raise ConfigError(f"{where}.tables: 'uniform' has no parents; use 'fit' or 'given' with edges")
+        if self.smoothing < 0:
+            raise ConfigError(f"{where}.smoothing: must be >= 0")
+        for name in self.given:
+            if name not in FACTORS:
+                raise ConfigError(f"{where}.given.{name}: unknown factor")
+        _one_of(self.abduct_z, ("mean", "sample"), f"{where}.abduct_z")
+
+
+@dataclass
+class QueryConfig:
+    actors: int = 2
+    batch_size: int = 1024
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    max_samples: int = 64  # a larger num_samples is a bad row, not a job failure
+
+    def validate(self, where: str) -> None:
+        for key in ("actors", "batch_size", "max_samples"):
+            _positive(getattr(self, key), f"{where}.{key}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ConfigError(f"{where}: resources per actor must be >= 0")
+
+
+@dataclass
+class PipelineConfig:
+    num_queries: int = 2000  # counterfactual queries generated from the test split
+    figures_per_factor: int = 8
+
+    def validate(self, where: str) -> None:
+        _positive(self.num_queries, f"{where}.num_queries")
+        if self.figures_per_factor < 0:
+            raise ConfigError(f"{where}.figures_per_factor: must be >= 0")
+
+
+@dataclass
+class Config:
+    name: str = "local"
+    seed: int = 0
+    out: str = "runs/local"  # a local path or a pyarrow-filesystem URI
+    ray_address: Optional[str] = None  # None: a local Ray started in-process
+    num_cpus: Optional[int] = None  # resources for the in-process Ray; None: Ray's default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scm: ScmConfig = field(default_factory=ScmConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def validate(self, where: str = "config") -> None:
+        if self.num_cpus is not None:
+            _positive(self.num_cpus, f"{where}.num_cpus")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f"{where}.{f.name}")
+        if self.train.use_gpu and self.train.num_workers == 0:
+            raise ConfigError(f"{where}.train.use_gpu: needs num_workers >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read, type-check and validate a YAML config; `overrides` are dotted keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        config = from_dict(Config, raw, "config")
+        config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def config_from_dict(raw: dict) -> Config:
+    config = from_dict(Config, raw, "config")
+    config.validate()
+    return config
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _positive(value: Any, where: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{where}: must be > 0, got {value!r}")
+
+
+def _one_of(value: Any, allowed: tuple, where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: must be one of {', '.join(allowed)}, got {value!r}")

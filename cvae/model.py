@@ -1,0 +1,152 @@
+"""The supervised VAE: p(x | y, z) p(z) with Bernoulli pixels, guide q(z | x, y).
+
+Images are flat float tensors (B, 4096) of 0/1; the factor classes y are (B, 5)
+int64 and enter the networks as concatenated one-hot codes (3+6+40+32+32 = 113).
+`forward` returns the negative ELBO summed over the batch, so wrapping the module in
+DistributedDataParallel averages the ELBO's gradients across Ray Train workers.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO
+from torch import nn
+from torch.nn import functional as F
+
+from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
+
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+LABEL_DIM = sum(FACTOR_SIZES.values())  # 113
+
+
+def one_hot(classes: torch.Tensor) -> torch.Tensor:
+    """(B, 5) factor classes to the (B, 113) concatenated one-hot code."""
+    return torch.cat(
+        [F.one_hot(classes[:, i], FACTOR_SIZES[f]) for i, f in enumerate(FACTORS)], dim=1
+    ).float()
+
+
+class MLPEncoder(nn.Module):
+    """The original notebook's encoder: 4096+labels -> 1000 -> 1000 -> z, softplus."""
+
+    def __init__(self, z_dim: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(NUM_PIXELS + LABEL_DIM, hidden), nn.Softplus(),
+            nn.Linear(hidden, hidden), nn.Softplus(),
+        )
+        self.loc = nn.Linear(hidden, z_dim)
+        self.scale = nn.Linear(hidden, z_dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(torch.cat([x, y], dim=1))
+        return self.loc(h), F.softplus(self.scale(h)) + 1e-4
+
+
+class MLPDecoder(nn.Module):
+    """The original notebook's decoder: z+labels -> 1000 -> 1000 -> 1000 -> 4096 logits."""
+
+    def __init__(self, z_dim: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(z_dim + LABEL_DIM, hidden), nn.Softplus(),
+            nn.Linear(hidden, hidden), nn.Softplus(),
+            nn.Linear(hidden, hidden), nn.Softplus(),
+            nn.Linear(hidden, NUM_PIXELS),
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.cat([z, y], dim=1))
+
+
+class ConvEncoder(nn.Module):
+    """Burgess et al. 2018: four 4x4 stride-2 convs of 32 channels, then 256 -> 256 -> z;
+    the labels join the flattened conv features."""
+
+    def __init__(self, z_dim: int, hidden: int = 256):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
+        )
+        self.fc = nn.Sequential(
+            nn.Linear(32 * 4 * 4 + LABEL_DIM, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+        )
+        self.loc = nn.Linear(256, z_dim)
+        self.scale = nn.Linear(256, z_dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.convs(x.view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)).flatten(1)
+        h = self.fc(torch.cat([h, y], dim=1))
+        return self.loc(h), F.softplus(self.scale(h)) + 1e-4
+
+
+class ConvDecoder(nn.Module):
+    """The transpose of ConvEncoder: (z, labels) -> 256 -> 256 -> 32x4x4 -> 64x64 logits."""
+
+    def __init__(self, z_dim: int, hidden: int = 256):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(z_dim + LABEL_DIM, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 32 * 4 * 4), nn.ReLU(),
+        )
+        self.deconvs = nn.Sequential(
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 1, 4, 2, 1),
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([z, y], dim=1)).view(-1, 32, 4, 4)
+        return self.deconvs(h).flatten(1)
+
+
+ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+
+
+class SupervisedVAE(nn.Module):
+    def __init__(self, arch: str = "mlp", z_dim: int = 50, hidden: int = 1000):
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+        encoder, decoder = ARCHITECTURES[arch]
+        self.arch, self.z_dim, self.hidden = arch, z_dim, hidden
+        self.encoder = encoder(z_dim, hidden)
+        self.decoder = decoder(z_dim, hidden)
+        self.elbo = Trace_ELBO()
+
+    def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """p(z) = N(0, I); p(x | y, z) = Bernoulli(sigmoid(decoder(z, y))) per pixel."""
+        with pyro.plate("data", x.shape[0]):
+            prior = dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1)
+            z = pyro.sample("z", prior)
+            logits = self.decoder(z, one_hot(y))
+            pyro.sample("x", dist.Bernoulli(logits=logits, validate_args=False).to_event(1), obs=x)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """q(z | x, y) = Normal(encoder(x, y)), diagonal."""
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = self.encoder(x, one_hot(y))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO summed over the batch (nats), differentiable."""
+        return self.elbo.differentiable_loss(self.model, self.guide, x, y)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z | x, y): loc and scale, (B, z_dim) each; y as (B, 5) classes."""
+        return self.encoder(x, one_hot(y))
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pixel logits (B, 4096) of p(x | y, z); y as (B, 5) classes."""
+        return self.decoder(z, one_hot(y))
+
+    def spec(self) -> dict:
+        """What rebuilds this module: SupervisedVAE(**spec)."""
+        return {"arch": self.arch, "z_dim": self.z_dim, "hidden": self.hidden}

@@ -1,0 +1,19 @@
+"""One Ray instance for the whole test session: starting Ray costs seconds on 2 cores."""
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        # Logical CPUs beyond the 2 physical cores let a 2-worker trainer and a small
+        # actor pool be scheduled side by side; the work itself stays small.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
