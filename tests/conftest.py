@@ -1,10 +1,5 @@
 """One Ray instance for the whole test session: starting Ray costs seconds on 2 cores."""
-import os
-
 import pytest
-
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 @pytest.fixture(scope="session")
