@@ -28,9 +28,8 @@ class DataConfig:
     num_shards: int = 8
     strides: dict = field(default_factory=dict)  # e.g. {orientation: 4, pos_x: 2}
     test_fraction: float = 0.1
-    # Held-out factor combinations: each entry maps factors to the classes it holds out,
-    # e.g. {shape: [2], scale: [5], pos_x: [16, 31]}; a list of two ints is an inclusive range
-    # only when written as {from: a, to: b}; a plain list names classes.
+    # Held-out factor combinations: a row is held out when, for some rule, each factor the
+    # rule names has one of the listed classes, e.g. {shape: [2], scale: [5], pos_x: [28, 30]}.
     holdout: list = field(default_factory=list)
     compression: str = "lzf"  # lzf | gzip
     chunk_rows: int = 256
