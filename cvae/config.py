@@ -127,6 +127,16 @@ class ScmConfig:
         for i, edge in enumerate(self.edges):
             if not (isinstance(edge, list) and len(edge) == 2 and all(e in FACTORS for e in edge)):
                 raise ConfigError(f"{where}.edges[{i}]: must be [parent, child] factor names, got {edge!r}")
+            if edge[0] == edge[1] or edge in self.edges[:i]:
+                raise ConfigError(f"{where}.edges[{i}]: {edge!r} is a self-loop or a repeated edge")
+        # The factor graph must be a DAG: peel off factors without remaining parents.
+        remaining = {tuple(e) for e in self.edges}
+        nodes = set(FACTORS)
+        while nodes:
+            roots = {f for f in nodes if not any(c == f and p in nodes for p, c in remaining)}
+            if not roots:
+                raise ConfigError(f"{where}.edges: the factor graph has a cycle through {sorted(nodes)}")
+            nodes -= roots
         _one_of(self.tables, ("uniform", "fit", "given"), f"{where}.tables")
         if self.tables == "uniform" and self.edges:
             raise ConfigError(f"{where}.tables: 'uniform' has no parents; use 'fit' or 'given' with edges")
@@ -187,6 +197,21 @@ class Config:
                 value.validate(f"{where}.{f.name}")
         if self.train.use_gpu and self.train.num_workers == 0:
             raise ConfigError(f"{where}.train.use_gpu: needs num_workers >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        # Each Ray Train worker reads its own train shards, so there must be enough of them.
+        if self.train.num_workers > self.data.num_shards:
+            raise ConfigError(f"{where}.train.num_workers: {self.train.num_workers} workers need "
+                              f"data.num_shards >= {self.train.num_workers}, got {self.data.num_shards}")
+        # An in-process Ray with fewer CPUs than the workers or actors ask for would wait forever.
+        if self.ray_address is None and self.num_cpus is not None:
+            wanted = {"train.num_workers x train.cpus_per_worker":
+                      self.train.num_workers * self.train.cpus_per_worker,
+                      "query.actors x query.cpus_per_actor": self.query.actors * self.query.cpus_per_actor}
+            for what, cpus in wanted.items():
+                if cpus > self.num_cpus:
+                    raise ConfigError(f"{where}.num_cpus: {self.num_cpus} CPUs cannot hold {what} "
+                                      f"= {cpus:g} CPUs")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,6 +233,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {key} is not a section")
         node[leaf] = value
     try:
         config = from_dict(Config, raw, "config")

@@ -1,10 +1,21 @@
 """PNG figures people would rather look at than read: image grids and loss curves."""
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+# Matplotlib caches its font list under ~/.cache and ~/.config. Jobs write only to the
+# output folders they are given, so unless the user chose a folder, matplotlib gets a
+# private temporary one, removed when the process exits.
+if "MPLCONFIGDIR" not in os.environ:
+    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="cvae-mpl-")
+    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # no screen on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402

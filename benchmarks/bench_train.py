@@ -1,0 +1,179 @@
+"""Training speed and quality, measured side by side in one run.
+
+    python benchmarks/bench_train.py [--config configs/bench.yaml] [--data DIR] [--steps 40]
+    python benchmarks/bench_train.py --quality [--archs mlp,conv]   # the long run
+
+Speed (default): with the config's model, batch size and threads per worker,
+  1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s;
+  2. the same training through Ray Train (TorchTrainer, 1 worker, then N workers),
+     images/s per worker, in the same run, with the plain loop timed before and after;
+  3. the reader alone (ShardReader.epoch, no model), images/s, against what the
+     training loop consumes.
+Quality (--quality): trains the config for each architecture and prints the negative
+ELBO per image on the test split after every epoch. A rerun continues where the run
+stopped (same run names under <out>/quality).
+
+Timings on a shared machine are noisy: the script prints what it measured, nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cvae.config import Config, load_config  # noqa: E402
+from cvae.model import SupervisedVAE  # noqa: E402
+from cvae.reader import ShardReader  # noqa: E402
+from cvae.shards import read_manifest, write_dataset  # noqa: E402
+
+
+def ensure_data(config: Config, data_dir: Path) -> Path:
+    if not (data_dir / "manifest.json").is_file():
+        print(f"writing the {config.name} dataset to {data_dir} ...", flush=True)
+        write_dataset(config, data_dir)
+    counts = read_manifest(data_dir)["counts"]
+    print(f"data: {data_dir} ({', '.join(f'{k} {v}' for k, v in counts.items())})", flush=True)
+    return data_dir
+
+
+def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> float:
+    """Images/s of a plain PyTorch loop: one process, the config's threads per worker."""
+    torch.set_num_threads(config.train.threads_per_worker)
+    torch.manual_seed(config.seed)
+    model = SupervisedVAE(config.model.arch, config.model.z_dim, config.model.hidden)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
+                         seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=False)
+    done, started, epoch = 0, None, 1
+    while True:
+        for step, batch in enumerate(reader.epoch(epoch)):
+            if step == warmup and started is None:
+                started, done = time.perf_counter(), 0
+            x = batch.images.reshape(len(batch.images), -1).float()
+            loss = model(x, batch.classes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += len(x)
+            if started is not None and step >= warmup + steps:
+                return done / (time.perf_counter() - started)
+        epoch += 1
+
+
+def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int) -> float:
+    """Images/s per worker through Ray Train: the second of two capped epochs (the
+    first warms up), timed by the workers around their training steps."""
+    from cvae.train import run_training
+
+    overrides = {"train.num_workers": workers, "train.epochs": 2,
+                 "train.max_steps_per_epoch": steps, "train.eval_every": 1000}
+    run_config = _override(config, overrides)
+    name = f"speed-{workers}w-{time.time_ns()}"
+    result = run_training(run_config, data_dir, out / name, run_name=name)
+    return result.history[-1]["images_per_s_per_worker"]
+
+
+def reader_rate(config: Config, data_dir: Path, batches: int = 400) -> float:
+    """Images/s of ShardReader alone (rank 0 of 1), after its checksums are checked."""
+    reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
+                         seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=True)
+    started, done = time.perf_counter(), 0
+    for step, batch in enumerate(reader.epoch(1)):
+        done += len(batch)
+        if step + 1 >= batches:
+            break
+    return done / (time.perf_counter() - started)
+
+
+def _override(config: Config, overrides: dict) -> Config:
+    from cvae.config import config_from_dict
+
+    raw = config.to_dict()
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+def speed(config: Config, data_dir: Path, out: Path, steps: int) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, config.train.num_workers * config.train.cpus_per_worker),
+                 include_dashboard=False, log_to_driver=False)
+    t = config.train
+    print(f"\nmodel {config.model.arch} (z {config.model.z_dim}, hidden {config.model.hidden}), "
+          f"batch {t.batch_size}, {t.threads_per_worker} thread(s) per worker, {steps} timed steps",
+          flush=True)
+    plain_before = plain_loop(config, data_dir, steps)
+    print(f"plain loop (before):        {plain_before:8.0f} images/s", flush=True)
+    one = ray_train_rate(config, data_dir, out, 1, steps)
+    print(f"Ray Train, 1 worker:        {one:8.0f} images/s per worker", flush=True)
+    plain_after = plain_loop(config, data_dir, steps)
+    print(f"plain loop (after):         {plain_after:8.0f} images/s", flush=True)
+    many = None
+    if t.num_workers > 1:
+        many = ray_train_rate(config, data_dir, out, t.num_workers, steps)
+        print(f"Ray Train, {t.num_workers} workers:       {many:8.0f} images/s per worker "
+              f"({many * t.num_workers:.0f} in all; DDP all-reduce on shared cores)", flush=True)
+    plain = statistics.mean([plain_before, plain_after])
+    rate = reader_rate(config, data_dir)
+    print(f"reader alone:               {rate:8.0f} images/s", flush=True)
+    print("\nsummary")
+    print(f"  Ray Train / plain loop, 1 worker, same threads: {one / plain:.2f}  (target >= 0.9)")
+    if many is not None:
+        print(f"  Ray Train / plain loop, per worker with {t.num_workers} workers: {many / plain:.2f}")
+    print(f"  reader / training consumption: {rate / plain:.1f}x  (target >= 10)")
+
+
+def quality(config: Config, data_dir: Path, out: Path, archs: list[str]) -> None:
+    from cvae.train import run_training
+
+    finals = {}
+    for arch in archs:
+        arch_config = _override(config, {"model.arch": arch})
+        print(f"\n== {arch}: {arch_config.train.epochs} epochs, {arch_config.train.num_workers} "
+              f"workers ==", flush=True)
+        started = time.perf_counter()
+        result = run_training(arch_config, data_dir, out / "quality", run_name=f"{config.name}-{arch}")
+        minutes = (time.perf_counter() - started) / 60
+        for r in result.history:
+            print(f"  {arch} epoch {r['epoch']:2d}: train {r['train_loss']:8.2f}  "
+                  f"test {r.get('test_loss') or float('nan'):8.2f}  "
+                  f"holdout {r.get('holdout_loss') or float('nan'):8.2f}  nats/image  "
+                  f"{r['images_per_s']:.0f} img/s", flush=True)
+        finals[arch] = (result.history[-1], minutes)
+    print("\nquality summary (negative ELBO per image, nats; goal: test < 16)")
+    for arch, (last, minutes) in finals.items():
+        print(f"  {arch:5s} epoch {last['epoch']}: train {last['train_loss']:.2f}, "
+              f"test {last.get('test_loss') or float('nan'):.2f}, "
+              f"holdout {last.get('holdout_loss') or float('nan'):.2f}  ({minutes:.1f} min this run)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "bench.yaml"))
+    parser.add_argument("--data", help="dataset folder (default: <config.out>/data; written if missing)")
+    parser.add_argument("--out", help="output folder (default: <config.out>)")
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
+    parser.add_argument("--quality", action="store_true", help="run the quality benchmark instead")
+    parser.add_argument("--archs", default="mlp,conv")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    out = Path(args.out or config.out).resolve()
+    data_dir = ensure_data(config, Path(args.data or out / "data").resolve())
+    if args.quality:
+        quality(config, data_dir, out, args.archs.split(","))
+    else:
+        speed(config, data_dir, out / "speed", args.steps)
+
+
+if __name__ == "__main__":
+    main()

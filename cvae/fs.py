@@ -1,0 +1,134 @@
+"""Paths that may be local or URIs that pyarrow's filesystems handle (file://, s3://, gs://).
+
+Jobs read and write through three helpers:
+- `resolve(path)` gives the (pyarrow FileSystem, path) pair for any path or URI;
+- `staged(path)` yields a local copy of a file or directory (HDF5 shards, a checkpoint)
+  for libraries that need a local file, and removes the copy afterwards;
+- `local_output(path)` yields a local directory to write into and, for a URI, uploads it
+  when the block finishes without error.
+A plain local path is used in place: nothing is copied.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str | Path) -> bool:
+    """True for 'scheme://...' (file:// included); False for a plain local path."""
+    return "://" in str(path)
+
+
+def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A path or URI to (filesystem, path within it). Plain paths become absolute local paths."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(path))
+    except Exception as exc:  # unknown scheme, missing credentials, bad bucket name
+        raise ValueError(f"cannot open {path!r} as a pyarrow filesystem URI: {exc}") from None
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """Join path parts onto a path or URI with '/' (URIs keep their scheme)."""
+    if not is_uri(base):
+        return str(Path(base, *parts))
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(path: str | Path) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def read_bytes(path: str | Path) -> bytes:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {path}")
+    with fs.open_input_stream(p) as fh:
+        return fh.read()
+
+
+def copy_to_local(path: str | Path, local: str | Path) -> Path:
+    """Copy a file or a directory tree at `path` (path or URI) to the local path `local`."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    local = Path(local)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if info.type == pafs.FileType.File:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(p, str(local.resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def upload(local: str | Path, dest: str | Path) -> str:
+    """Copy a local file or directory tree to `dest` (path or URI); returns `dest`."""
+    local = Path(local)
+    if not local.exists():
+        raise FileNotFoundError(f"nothing to upload: {local} does not exist")
+    fs, p = resolve(dest)
+    if local.is_dir():
+        fs.create_dir(p, recursive=True)
+    elif "/" in p:
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local.resolve()), p, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    return str(dest)
+
+
+@contextlib.contextmanager
+def staged(path: str | Path, only: list[str] | None = None) -> Iterator[Path]:
+    """Yield a local path holding the file or directory at `path`.
+
+    A plain local path is yielded as is. A URI (file:// included, so tests exercise the
+    remote path) is copied into a fresh temporary directory, removed on exit. `only`
+    names the files of a directory to copy (for example a manifest and some shards).
+    """
+    if not is_uri(path):
+        local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        yield local
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="cvae-stage-"))
+    try:
+        name = str(path).rstrip("/").rsplit("/", 1)[-1] or "staged"
+        if only is None:
+            yield copy_to_local(path, tmp / name)
+        else:
+            for rel in only:
+                copy_to_local(join(path, rel), tmp / name / rel)
+            yield tmp / name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_output(path: str | Path) -> Iterator[Path]:
+    """Yield a local directory to write outputs into; a URI is uploaded on success.
+
+    A plain local path is created and yielded as is. For a URI the outputs are written to a
+    temporary directory and copied to the URI only if the block finishes without error, so
+    a failed job leaves nothing half-written behind at the destination.
+    """
+    if not is_uri(path):
+        local = Path(path)
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    resolve(path)  # fail early on a bad URI, before any work is done
+    tmp = Path(tempfile.mkdtemp(prefix="cvae-out-"))
+    try:
+        yield tmp
+        upload(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

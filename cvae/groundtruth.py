@@ -1,0 +1,61 @@
+"""The true image of any official grid index, from the renderer or the official file.
+
+A dataset's manifest says which: rendered and SCM-sampled datasets are drawn by
+`cvae.render`; imported ones come from the official file, read once on first use.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from cvae.errors import DataError
+from cvae.grid import NUM_IMAGES, index_to_classes
+from cvae.render import render
+
+
+class GroundTruth:
+    def __init__(self, generator: str = "render", official_path: Optional[str] = None):
+        if generator not in ("render", "import"):
+            raise ValueError(f"generator must be 'render' or 'import', got {generator!r}")
+        if generator == "import" and not official_path:
+            raise ValueError("generator 'import' needs official_path")
+        self.generator, self.official_path = generator, official_path
+        self._imgs: Optional[np.ndarray] = None  # the official file's images, once read
+        self._sorted_index: Optional[np.ndarray] = None  # its rows' official indices, sorted
+        self._rows: Optional[np.ndarray] = None  # row of each sorted index
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "GroundTruth":
+        generator = manifest.get("generator")
+        if generator == "import":
+            return cls("import", manifest.get("official_path"))
+        if generator in ("render", "scm"):  # scm samples classes; their images are rendered
+            return cls("render")
+        raise DataError(f"manifest: unknown generator {generator!r}")
+
+    def _load(self) -> None:
+        from cvae.official import load_official
+
+        official = load_official(self.official_path)
+        index = official.index
+        self._rows = np.argsort(index, kind="stable")
+        self._sorted_index = index[self._rows]
+        self._imgs = official.imgs
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        """(n,) official indices -> (n, 64, 64) uint8 0/1 images."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.generator == "render":
+            return render(index_to_classes(indices, with_color=False))
+        if self._imgs is None:
+            self._load()
+        if indices.size and (indices.min() < 0 or indices.max() >= NUM_IMAGES):
+            raise ValueError(f"official index out of range [0, {NUM_IMAGES})")
+        at = np.searchsorted(self._sorted_index, indices)
+        at = np.minimum(at, len(self._sorted_index) - 1)
+        missing = self._sorted_index[at] != indices if len(self._sorted_index) else np.ones_like(indices, bool)
+        if missing.any():
+            raise DataError(f"{self.official_path}: has no row for official index "
+                            f"{int(indices[missing][0])}")
+        return self._imgs[self._rows[at]]

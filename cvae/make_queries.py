@@ -1,0 +1,415 @@
+"""Bulk counterfactual query sets from a plain spec, written as partitioned Parquet.
+
+A spec (YAML or a dict) names the sources, the interventions and the samples:
+
+    seed: 0
+    sources:                       # one of grid / split / indices (default: grid: true)
+      split: test                  # every source in a data split (needs the data dir)
+      filter: {shape: [0, 1]}      # optional: keep sources whose factors are in these classes
+      sample: 1000                 # optional: a seeded sample of n sources, no replacement
+    interventions:                 # each entry adds queries for every source
+      - {factor: shape, values: other}         # every other shape
+      - {factor: scale, values: all}           # all values, the factual one included (null do)
+      - {factor: pos_x, values: random_other}  # one random other value per source
+      - {factor: orientation, values: [0, 10]} # given values
+      - {do: {shape: 2, scale: 5}}             # a joint intervention
+    samples: 1                     # num_samples per query
+    rows_per_file: 1000000         # rows per Parquet file
+    id_prefix: ""                  # prepended to every query_id
+
+The output holds `part-00000.parquet`, ... (query rows in the query schema of
+docs/DESIGN) and `_summary.json`. Rows are produced a chunk of sources at a time
+and each file holds at most `rows_per_file` rows, so a set of tens of millions of
+rows never sits in memory. Everything random comes from a counter-based hash of
+(seed, source index, entry), so a query's row does not depend on chunking or on
+which other sources are in the set. `query_id` is "<prefix><source_index>-do_<factor>=<class>"
+(joint interventions join one "-do_..." per factor, in factor order).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cvae import fs
+from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes
+
+SPLITS = ("train", "test", "holdout")
+VALUE_MODES = ("all", "other", "random_other")
+# Rows built per chunk: bounds memory independently of the size of the set.
+CHUNK_ROWS = 262_144
+MAX_SAMPLES = 1_000_000  # a sanity bound; the query engine caps num_samples itself
+
+QUERY_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("kind", pa.string()), ("source_index", pa.int64()),
+     ("image", pa.binary())]
+    + [(f, pa.int64()) for f in FACTORS]
+    + [(f"do_{f}", pa.int64()) for f in FACTORS]
+    + [(f"given_{f}", pa.int64()) for f in FACTORS]
+    + [("num_samples", pa.int64()), ("seed", pa.int64())]
+)
+
+
+class SpecError(ValueError):
+    """A query-set spec that cannot be used, with the offending key named."""
+
+
+# ----------------------------------------------------------------------------- the spec
+
+def validate_spec(spec: Any) -> dict:
+    """Check a spec strictly and return it with defaults filled in."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"spec: must be a mapping, got {type(spec).__name__}")
+    _known(spec, ("sources", "interventions", "samples", "seed", "rows_per_file", "id_prefix"), "spec")
+    out = {
+        "seed": _int(spec.get("seed", 0), "spec.seed", minimum=0),
+        "samples": _int(spec.get("samples", 1), "spec.samples", minimum=1, maximum=MAX_SAMPLES),
+        "rows_per_file": _int(spec.get("rows_per_file", 1_000_000), "spec.rows_per_file", minimum=1),
+        "id_prefix": spec.get("id_prefix", ""),
+    }
+    if not isinstance(out["id_prefix"], str):
+        raise SpecError(f"spec.id_prefix: must be a string, got {out['id_prefix']!r}")
+    out["sources"] = _validate_sources(spec.get("sources", {"grid": True}))
+    if "interventions" not in spec:
+        raise SpecError("spec.interventions: required (a list of interventions)")
+    entries = spec["interventions"]
+    if not isinstance(entries, list) or not entries:
+        raise SpecError("spec.interventions: must be a non-empty list")
+    out["interventions"] = [_validate_entry(e, f"spec.interventions[{i}]") for i, e in enumerate(entries)]
+    return out
+
+
+def _validate_sources(src: Any) -> dict:
+    where = "spec.sources"
+    if not isinstance(src, dict):
+        raise SpecError(f"{where}: must be a mapping, got {type(src).__name__}")
+    _known(src, ("grid", "split", "indices", "filter", "sample"), where)
+    bases = [k for k in ("grid", "split", "indices") if k in src]
+    if len(bases) > 1:
+        raise SpecError(f"{where}: give one of grid, split, indices, not {' and '.join(bases)}")
+    out: dict = {}
+    base = bases[0] if bases else "grid"
+    if base == "grid":
+        grid = src.get("grid", True)
+        if grid is True:
+            out["grid"] = {}
+        elif isinstance(grid, dict):
+            for name, stride in grid.items():
+                if name not in FACTORS:
+                    raise SpecError(f"{where}.grid.{name}: unknown factor (expected one of {FACTORS})")
+                _int(stride, f"{where}.grid.{name}", minimum=1)
+            out["grid"] = dict(grid)
+        else:
+            raise SpecError(f"{where}.grid: must be true or a mapping of factor to stride, got {grid!r}")
+    elif base == "split":
+        if src["split"] not in SPLITS:
+            raise SpecError(f"{where}.split: must be one of {', '.join(SPLITS)}, got {src['split']!r}")
+        out["split"] = src["split"]
+    else:
+        idx = src["indices"]
+        if not isinstance(idx, list) or not idx:
+            raise SpecError(f"{where}.indices: must be a non-empty list of official indices")
+        for i, v in enumerate(idx):
+            _int(v, f"{where}.indices[{i}]", minimum=0, maximum=NUM_IMAGES - 1)
+        if len(set(idx)) != len(idx):
+            raise SpecError(f"{where}.indices: holds duplicates")
+        out["indices"] = list(idx)
+    if "filter" in src:
+        flt = src["filter"]
+        if not isinstance(flt, dict) or not flt:
+            raise SpecError(f"{where}.filter: must be a mapping of factor to a list of classes")
+        for name, classes in flt.items():
+            if name not in FACTORS:
+                raise SpecError(f"{where}.filter.{name}: unknown factor (expected one of {FACTORS})")
+            if not isinstance(classes, list) or not classes:
+                raise SpecError(f"{where}.filter.{name}: must be a non-empty list of classes")
+            for c in classes:
+                _int(c, f"{where}.filter.{name}", minimum=0, maximum=FACTOR_SIZES[name] - 1)
+        out["filter"] = {k: list(v) for k, v in flt.items()}
+    if "sample" in src:
+        out["sample"] = _int(src["sample"], f"{where}.sample", minimum=1)
+    return out
+
+
+def _validate_entry(entry: Any, where: str) -> dict:
+    if not isinstance(entry, dict):
+        raise SpecError(f"{where}: must be a mapping, got {type(entry).__name__}")
+    if "do" in entry:
+        _known(entry, ("do",), where)
+        do = entry["do"]
+        if not isinstance(do, dict) or not do:
+            raise SpecError(f"{where}.do: must be a mapping of factor to class")
+        for name, value in do.items():
+            if name not in FACTORS:
+                raise SpecError(f"{where}.do.{name}: unknown factor (expected one of {FACTORS})")
+            _int(value, f"{where}.do.{name}", minimum=0, maximum=FACTOR_SIZES[name] - 1)
+        return {"do": dict(do)}
+    _known(entry, ("factor", "values"), where)
+    if "factor" not in entry:
+        raise SpecError(f"{where}.factor: required (or give 'do' for a joint intervention)")
+    factor = entry["factor"]
+    if factor not in FACTORS:
+        raise SpecError(f"{where}.factor: unknown factor {factor!r} (expected one of {FACTORS})")
+    values = entry.get("values", "all")
+    top = FACTOR_SIZES[factor] - 1
+    if isinstance(values, str):
+        if values not in VALUE_MODES:
+            raise SpecError(f"{where}.values: must be one of {', '.join(VALUE_MODES)} or classes, got {values!r}")
+        if values != "all" and top == 0:
+            raise SpecError(f"{where}.values: {factor} has a single class, so no other value")
+    elif isinstance(values, list) and values:
+        for v in values:
+            _int(v, f"{where}.values", minimum=0, maximum=top)
+        values = sorted(set(values))
+    elif isinstance(values, int) and not isinstance(values, bool):
+        values = [_int(values, f"{where}.values", minimum=0, maximum=top)]
+    else:
+        raise SpecError(f"{where}.values: must be all, other, random_other, a class or a list of classes")
+    return {"factor": factor, "values": values}
+
+
+def _known(mapping: dict, keys: tuple, where: str) -> None:
+    for key in mapping:
+        if key not in keys:
+            raise SpecError(f"{where}.{key}: unknown key (known keys: {', '.join(keys)})")
+
+
+def _int(value: Any, where: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise SpecError(f"{where}: must be an integer, got {value!r}")
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        bounds = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise SpecError(f"{where}: must be {bounds}, got {value}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- sources
+
+def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None) -> np.ndarray:
+    """The official indices of the sources, ascending (a sample keeps ascending order)."""
+    if "indices" in sources:
+        idx = np.sort(np.asarray(sources["indices"], dtype=np.int64))
+    elif "split" in sources:
+        if data_dir is None:
+            raise SpecError(f"spec.sources.split: needs the data directory (--data) to read split {sources['split']!r}")
+        idx = np.sort(split_indices(data_dir, sources["split"]))
+    else:
+        idx = grid_indices(sources["grid"])
+    if "filter" in sources:
+        classes = index_to_classes(idx, with_color=False)
+        keep = np.ones(len(idx), dtype=bool)
+        for name, allowed in sources["filter"].items():
+            keep &= np.isin(classes[:, FACTORS.index(name)], allowed)
+        idx = idx[keep]
+    if "sample" in sources and sources["sample"] < len(idx):
+        # A seeded permutation of the candidates: the first n (sorted) are the sample.
+        order = np.argsort(_hash(np.uint64(seed), idx.astype(np.uint64), np.uint64(0x5A)), kind="stable")
+        idx = np.sort(idx[order[: sources["sample"]]])
+    if len(idx) == 0:
+        raise SpecError("spec.sources: selects no sources")
+    return idx
+
+
+def split_indices(data_dir: str | Path, split: str) -> np.ndarray:
+    """Official indices of one split of a sharded dataset (path or URI).
+
+    Reads only the `index` dataset of that split's shards; a URI stages just those
+    shards and the manifest.
+    """
+    from cvae.shards import MANIFEST, check_file, open_shard, read_manifest, split_shards
+
+    with fs.staged(data_dir, only=[MANIFEST]) as local:
+        entries = split_shards(read_manifest(local), split)
+    if not entries:
+        raise SpecError(f"spec.sources.split: the dataset at {data_dir} has no {split!r} rows")
+    with fs.staged(data_dir, only=[MANIFEST] + [e["file"] for e in entries]) as local:
+        parts = []
+        for entry in entries:
+            with open_shard(check_file(local, entry), entry["rows"]) as f:
+                parts.append(f["index"][:])
+    return np.concatenate(parts).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- rows
+
+def _hash(*parts) -> np.ndarray:
+    """splitmix64 over uint64 arrays: a counter-based random number per element."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for part in parts:
+            x = (h ^ np.asarray(part, dtype=np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = x ^ (x >> np.uint64(31))
+        return h
+
+
+def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed: int):
+    """(positions into src, (m, 5) do classes with -1 for not intervened) for one entry."""
+    n = len(src)
+    if "do" in entry:
+        do = np.full((n, len(FACTORS)), -1, dtype=np.int64)
+        for name, value in entry["do"].items():
+            do[:, FACTORS.index(name)] = value
+        return np.arange(n), do
+    col = FACTORS.index(entry["factor"])
+    size = FACTOR_SIZES[entry["factor"]]
+    values = entry["values"]
+    if values == "all":
+        pos, vals = np.repeat(np.arange(n), size), np.tile(np.arange(size), n)
+    elif values == "other":
+        # The size-1 values other than the factual one: v, shifted up past the factual.
+        v = np.tile(np.arange(size - 1), n)
+        pos = np.repeat(np.arange(n), size - 1)
+        vals = v + (v >= classes[pos, col])
+    elif values == "random_other":
+        r = _hash(np.uint64(seed), src.astype(np.uint64), np.uint64(e)) % np.uint64(size - 1)
+        pos, v = np.arange(n), r.astype(np.int64)
+        vals = v + (v >= classes[:, col])
+    else:
+        vals = np.tile(np.asarray(values, dtype=np.int64), n)
+        pos = np.repeat(np.arange(n), len(values))
+    do = np.full((len(pos), len(FACTORS)), -1, dtype=np.int64)
+    do[:, col] = vals
+    return pos, do
+
+
+def _chunk_table(spec: dict, src: np.ndarray) -> pa.Table:
+    """All query rows for a chunk of sources, duplicates (same source and do) dropped."""
+    classes = index_to_classes(src, with_color=False)
+    parts = [_entry_rows(entry, e, src, classes, spec["seed"]) for e, entry in enumerate(spec["interventions"])]
+    pos = np.concatenate([p for p, _ in parts])
+    do = np.concatenate([d for _, d in parts])
+    entry_no = np.concatenate([np.full(len(p), e) for e, (p, _) in enumerate(parts)])
+    # Keep the first occurrence of each (source, do); order rows by source, then by entry.
+    _, first = np.unique(np.column_stack([pos, do]), axis=0, return_index=True)
+    keep = first[np.lexsort((first, entry_no[first], pos[first]))]
+    pos, do = pos[keep], do[keep]
+    source = src[pos]
+
+    # query_id "<prefix><source>-do_<factor>=<class>...", built by Arrow's string kernels.
+    qid = pc.binary_join_element_wise(spec["id_prefix"], pa.array(source).cast(pa.string()), "")
+    do_code = np.zeros(len(pos), dtype=np.uint64)
+    for i, name in enumerate(FACTORS):
+        mask = do[:, i] >= 0
+        if not mask.any():
+            continue
+        seg = pc.binary_join_element_wise(f"-do_{name}=", pa.array(do[:, i]).cast(pa.string()), "")
+        seg = pc.if_else(pa.array(mask), seg, "")
+        qid = pc.binary_join_element_wise(qid, seg, "")
+        do_code = do_code * np.uint64(FACTOR_SIZES[name] + 1) + (do[:, i] + 1).astype(np.uint64)
+    seeds = (_hash(np.uint64(spec["seed"]), source.astype(np.uint64), do_code)
+             & np.uint64(2**63 - 1)).astype(np.int64)
+
+    n = len(pos)
+    null_int = pa.nulls(n, pa.int64())
+    columns = {
+        "query_id": qid,
+        "kind": pa.array(np.full(n, "counterfactual", dtype=object), pa.string()),
+        "source_index": pa.array(source),
+        "image": pa.nulls(n, pa.binary()),
+        **{f: null_int for f in FACTORS},
+        **{f"do_{f}": pa.array(do[:, i], mask=do[:, i] < 0) for i, f in enumerate(FACTORS)},
+        **{f"given_{f}": null_int for f in FACTORS},
+        "num_samples": pa.array(np.full(n, spec["samples"], dtype=np.int64)),
+        "seed": pa.array(seeds),
+    }
+    return pa.table(columns, schema=QUERY_SCHEMA)
+
+
+def _rows_per_source(spec: dict) -> int:
+    """An upper bound on the rows one source produces, to size chunks."""
+    total = 0
+    for entry in spec["interventions"]:
+        if "do" in entry or entry["values"] == "random_other":
+            total += 1
+        elif entry["values"] in ("all", "other"):
+            total += FACTOR_SIZES[entry["factor"]]
+        else:
+            total += len(entry["values"])
+    return total
+
+
+def iter_query_tables(spec: dict, data_dir: str | Path | None = None) -> Iterator[pa.Table]:
+    """Yield the query set as Arrow tables of at most about CHUNK_ROWS rows each."""
+    spec = validate_spec(spec)
+    src = source_indices(spec["sources"], spec["seed"], data_dir)
+    step = max(1, CHUNK_ROWS // _rows_per_source(spec))
+    for start in range(0, len(src), step):
+        yield _chunk_table(spec, src[start:start + step])
+
+
+# ----------------------------------------------------------------------------- writing
+
+def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = None) -> dict:
+    """Write the query set of `spec` under `out_dir` (path or URI); returns the summary.
+
+    Files are `part-NNNNN.parquet`, each written under a hidden temporary name and
+    renamed when complete, plus `_summary.json`. Parts from an earlier run in the same
+    folder are removed first, so the folder holds exactly this set.
+    """
+    spec = validate_spec(spec)
+    with fs.local_output(out_dir) as local:
+        for old in list(local.glob("part-*.parquet")) + list(local.glob("_summary.json")):
+            old.unlink()
+        files, rows, per_factor = [], 0, {}
+        writer, in_file = None, 0
+
+        def close():
+            nonlocal writer
+            if writer is not None:
+                writer.close()
+                os.replace(local / f".{files[-1]}.tmp", local / files[-1])
+                writer = None
+
+        num_sources = 0
+        for table in iter_query_tables(spec, data_dir):
+            num_sources += len(pc.unique(table["source_index"]))
+            _count_by_factor(table, per_factor)
+            offset = 0
+            while offset < len(table):
+                if writer is None or in_file >= spec["rows_per_file"]:
+                    close()
+                    files.append(f"part-{len(files):05d}.parquet")
+                    writer = pq.ParquetWriter(local / f".{files[-1]}.tmp", QUERY_SCHEMA, compression="zstd")
+                    in_file = 0
+                take = min(spec["rows_per_file"] - in_file, len(table) - offset)
+                writer.write_table(table.slice(offset, take))
+                offset, in_file, rows = offset + take, in_file + take, rows + take
+        close()
+        summary = {"num_queries": rows, "num_sources": num_sources, "files": files,
+                   "queries_by_factor": per_factor, "spec": spec, "out": str(out_dir)}
+        (local / "_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _count_by_factor(table: pa.Table, counts: dict) -> None:
+    """Count rows by their intervened factors ('shape', or 'scale+shape' for a joint do)."""
+    flags = np.column_stack([table[f"do_{f}"].is_valid().to_numpy(zero_copy_only=False) for f in FACTORS])
+    codes, n = np.unique(flags, axis=0, return_counts=True)
+    for code, count in zip(codes, n):
+        key = "+".join(f for f, on in zip(FACTORS, code) if on)
+        counts[key] = counts.get(key, 0) + int(count)
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read a YAML spec file (path or URI) and validate it."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(fs.read_bytes(path))
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return validate_spec(raw)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+

@@ -1,0 +1,264 @@
+"""Queries in, answers out: the query schema, validation, and `answer_queries` (pure, no Ray).
+
+Two levels of checks:
+- the whole file (`check_schema`): a missing required column, a wrong column type or an
+  unknown column is a `QuerySchemaError` before any work;
+- each row (`answer_queries`): a bad row becomes an error row (query_id, readable error)
+  and never stops the others.
+
+Duplicates: every row whose query_id occurs more than once in the input is an error row
+(none of them is answered), so the outcome never depends on which rows share a batch. The
+pure function sees the rows it is given; the engine counts query_ids over the whole input
+first and passes the duplicated ones in `duplicate_ids`.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, index_to_classes
+from cvae.images import decode_image, encode_pngs
+from cvae.scm import ImageSCM, row_keys, seed_from_query_id
+
+KINDS = ("condition", "intervene", "counterfactual")
+REQUIRED = ("query_id", "kind")
+INT_COLUMNS = (["source_index"] + list(FACTORS) + [f"do_{f}" for f in FACTORS]
+               + [f"given_{f}" for f in FACTORS] + ["num_samples", "seed"])
+QUERY_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("kind", pa.string()), ("source_index", pa.int64()), ("image", pa.binary())]
+    + [(c, pa.int64()) for c in INT_COLUMNS if c != "source_index"]
+)
+RESULT_SCHEMA = pa.schema(
+    [("query_id", pa.string()), ("sample", pa.int64()), ("kind", pa.string())]
+    + [(f, pa.int64()) for f in FACTORS]
+    + [(f"factual_{f}", pa.int64()) for f in FACTORS]
+    + [("image", pa.binary())]
+)
+ERROR_SCHEMA = pa.schema([("query_id", pa.string()), ("error", pa.string())])
+# Sample rows answered at once: bounds memory (4096 float64 pixel uniforms per row).
+ANSWER_CHUNK = 1024
+
+
+class QuerySchemaError(ValueError):
+    """A query file that cannot be used at all (missing or mistyped columns)."""
+
+
+def check_schema(schema: pa.Schema, where: str = "queries") -> None:
+    """Raise QuerySchemaError naming every column problem of a query file's schema."""
+    problems = []
+    names = schema.names
+    for name in REQUIRED:
+        if name not in names:
+            problems.append(f"missing required column {name!r}")
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"column {name!r} appears more than once")
+    for field in schema:
+        t = field.type
+        if field.name not in QUERY_SCHEMA.names:
+            problems.append(f"unknown column {field.name!r} (expected columns: {', '.join(QUERY_SCHEMA.names)})")
+        elif pa.types.is_null(t):
+            continue  # an all-null column: fine for every optional column, bad rows otherwise
+        elif field.name in ("query_id", "kind") and not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            problems.append(f"column {field.name!r} must be a string, got {t}")
+        elif field.name == "image" and not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+            problems.append(f"column 'image' must be binary (PNG or 4096 raw bytes), got {t}")
+        elif field.name in INT_COLUMNS and not pa.types.is_integer(t):
+            problems.append(f"column {field.name!r} must be an integer type, got {t}")
+    if problems:
+        raise QuerySchemaError(f"{where}: " + "; ".join(problems))
+
+
+def normalize(table: pa.Table) -> pa.Table:
+    """Check the schema, then cast to QUERY_SCHEMA (missing optional columns become nulls)."""
+    check_schema(table.schema)
+    columns = []
+    for field in QUERY_SCHEMA:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        try:
+            columns.append(pc.cast(table.column(field.name), field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise QuerySchemaError(f"queries: column {field.name!r} cannot be read as {field.type}: {exc}") from None
+    return pa.Table.from_arrays(columns, schema=QUERY_SCHEMA)
+
+
+def _ints(table: pa.Table, name: str) -> np.ndarray:
+    """An int64 column as numpy with -1 for null (valid values are never negative; negatives are checked first)."""
+    return pc.fill_null(table.column(name), -1).to_numpy()
+
+
+def _present(table: pa.Table, name: str) -> np.ndarray:
+    return pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
+
+
+def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
+                   duplicate_ids: frozenset | set | None = None) -> tuple[pa.Table, pa.Table]:
+    """Answer every valid query row: (results, errors) as Arrow tables (RESULT_SCHEMA, ERROR_SCHEMA).
+
+    Raises QuerySchemaError for a batch whose columns are unusable; bad rows are error rows.
+    """
+    table = normalize(queries)
+    n = table.num_rows
+    problems: dict[int, list[str]] = defaultdict(list)
+    ids = table.column("query_id").to_pylist()
+    kinds = np.array([k if k is not None else "" for k in table.column("kind").to_pylist()], dtype=object)
+
+    # --- identity and kind
+    counts = defaultdict(int)
+    for qid in ids:
+        counts[qid] += 1
+    dups = duplicate_ids or frozenset()
+    for i, qid in enumerate(ids):
+        if qid is None:
+            problems[i].append("query_id is null (required)")
+        elif qid == "":
+            problems[i].append("query_id is empty")
+        elif counts[qid] > 1 or qid in dups:
+            problems[i].append(f"query_id {qid!r} appears more than once in the input (duplicates are not answered)")
+        if kinds[i] == "":
+            problems[i].append(f"kind is null (required: one of {', '.join(KINDS)})")
+        elif kinds[i] not in KINDS:
+            problems[i].append(f"unknown kind {kinds[i]!r} (expected one of {', '.join(KINDS)})")
+
+    # --- numbers
+    num_samples = pc.fill_null(table.column("num_samples"), 1).to_numpy()
+    for i in np.flatnonzero(num_samples < 1):
+        problems[i].append(f"num_samples must be >= 1, got {num_samples[i]}")
+    for i in np.flatnonzero(num_samples > max_samples):
+        problems[i].append(f"num_samples {num_samples[i]} exceeds the limit of {max_samples} (query.max_samples)")
+    groups = {"": list(FACTORS), "do_": [f"do_{f}" for f in FACTORS], "given_": [f"given_{f}" for f in FACTORS]}
+    present, values = {}, {}
+    for prefix, cols in groups.items():
+        present[prefix] = np.stack([_present(table, c) for c in cols], axis=1)
+        values[prefix] = np.stack([_ints(table, c) for c in cols], axis=1)
+        for j, (col, f) in enumerate(zip(cols, FACTORS)):
+            bad = present[prefix][:, j] & ((values[prefix][:, j] < 0) | (values[prefix][:, j] >= FACTOR_SIZES[f]))
+            for i in np.flatnonzero(bad):
+                problems[i].append(f"{col}={values[prefix][i, j]} is out of range [0, {FACTOR_SIZES[f]})")
+    has_source = _present(table, "source_index")
+    source = _ints(table, "source_index")
+    has_image = _present(table, "image")
+    for i in np.flatnonzero(has_source & ((source < 0) | (source >= NUM_IMAGES))):
+        problems[i].append(f"source_index={source[i]} is out of range [0, {NUM_IMAGES})")
+
+    # --- what each kind takes
+    cf = kinds == "counterfactual"
+    fwd = (kinds == "condition") | (kinds == "intervene")
+    for i in np.flatnonzero(fwd & (has_source | has_image | present[""].any(axis=1))):
+        problems[i].append(f"a {kinds[i]} query takes no factual observation (source_index, image, "
+                           "factor columns); use kind 'counterfactual'")
+    for i in np.flatnonzero((kinds == "condition") & present["do_"].any(axis=1)):
+        problems[i].append("do_* columns need kind 'intervene' or 'counterfactual'")
+    for i in np.flatnonzero(cf & present["given_"].any(axis=1)):
+        problems[i].append("given_* columns are for condition and intervene, not counterfactual "
+                           "(the factual observation is the evidence)")
+    for i in np.flatnonzero(cf & has_source & has_image):
+        problems[i].append("give either image or source_index, not both")
+    for i in np.flatnonzero(cf & ~has_source & ~has_image):
+        problems[i].append("a counterfactual needs a factual observation: source_index or image")
+    for i in np.flatnonzero(cf & has_image & ~has_source & ~present[""].all(axis=1)):
+        missing = [f for j, f in enumerate(FACTORS) if not present[""][i, j]]
+        problems[i].append(f"image needs its factor columns beside it; missing: {', '.join(missing)}")
+
+    # --- factual observations of the counterfactual rows that are fine so far
+    factual = np.full((n, len(FACTORS)), -1, dtype=np.int64)
+    images = np.zeros((n, 64 * 64), dtype=np.uint8)
+    ok = np.array([i not in problems for i in range(n)], dtype=bool)
+    image_rows = np.flatnonzero(ok & cf & has_image)
+    image_column = table.column("image")
+    for i in image_rows:
+        try:
+            images[i] = decode_image(image_column[int(i)].as_py()).reshape(-1)
+            factual[i] = values[""][i]
+        except ValueError as exc:
+            problems[i].append(f"image: {exc}")
+    source_rows = np.flatnonzero(ok & cf & has_source)
+    if len(source_rows):
+        factual[source_rows] = index_to_classes(source[source_rows], with_color=False)
+        for i in source_rows:
+            clash = [f"{f}={values[''][i, j]}" for j, f in enumerate(FACTORS)
+                     if present[""][i, j] and values[""][i, j] != factual[i, j]]
+            if clash:
+                problems[i].append(f"factor columns {', '.join(clash)} disagree with source_index "
+                                   f"{source[i]} (classes {factual[i].tolist()})")
+        if scm.ground_truth is None:
+            for i in source_rows:
+                problems[i].append("source_index needs the true images, but the checkpoint has no data manifest")
+        else:
+            _true_images(scm, source, source_rows, images, problems)
+
+    # --- evidence the SCM can explain
+    ok = np.array([i not in problems for i in range(n)], dtype=bool)
+    rows = np.flatnonzero(ok & cf)
+    if len(rows):
+        for i in rows[~np.isfinite(scm.factors.log_prob(factual[rows]))]:
+            problems[i].append("the factual factors have probability zero under the SCM")
+    rows = np.flatnonzero(ok & fwd)
+    if len(rows):
+        given = np.where(present["given_"][rows], values["given_"][rows], -1)
+        do = np.where(present["do_"][rows], values["do_"][rows], -1)
+        for i in rows[~scm.factors.evidence_possible(given, do)]:
+            problems[i].append("the evidence (given_*) has probability zero under the SCM"
+                               + (" with this intervention" if kinds[i] == "intervene" else ""))
+
+    errors = pa.table({"query_id": pa.array([ids[i] for i in sorted(problems)], pa.string()),
+                       "error": pa.array(["; ".join(problems[i]) for i in sorted(problems)], pa.string())},
+                      schema=ERROR_SCHEMA)
+    valid = np.array([i for i in range(n) if i not in problems], dtype=np.int64)
+    if not len(valid):
+        return RESULT_SCHEMA.empty_table(), errors
+
+    # --- expand to sample rows and answer a chunk at a time
+    seeds = _ints(table, "seed")
+    has_seed = _present(table, "seed")
+    seed = np.array([seeds[i] if has_seed[i] else seed_from_query_id(ids[i]) for i in valid], dtype=np.uint64)
+    per_query = num_samples[valid]
+    query_of = np.repeat(np.arange(len(valid)), per_query)
+    sample = np.arange(len(query_of)) - np.repeat(np.cumsum(per_query) - per_query, per_query)
+    rows_of = valid[query_of]
+    keys = row_keys(seed[query_of], sample)
+    given_all = np.where(present["given_"], values["given_"], -1)
+    do_all = np.where(present["do_"], values["do_"], -1)
+    classes, pngs = [], []
+    for start in range(0, len(rows_of), ANSWER_CHUNK):
+        r = rows_of[start:start + ANSWER_CHUNK]
+        answer = scm.answer(kinds[r].astype(str), given_all[r], do_all[r], factual[r], images[r],
+                            keys[start:start + ANSWER_CHUNK])
+        classes.append(answer.classes)
+        pngs.extend(encode_pngs(answer.images))
+    classes = np.concatenate(classes)
+    is_cf = cf[rows_of]
+    columns = {
+        "query_id": pa.array([ids[i] for i in rows_of], pa.string()),
+        "sample": pa.array(sample, pa.int64()),
+        "kind": pa.array(kinds[rows_of].astype(str), pa.string()),
+    }
+    for j, f in enumerate(FACTORS):
+        columns[f] = pa.array(classes[:, j], pa.int64())
+    for j, f in enumerate(FACTORS):
+        columns[f"factual_{f}"] = pa.array(factual[rows_of, j], pa.int64(), mask=~is_cf)
+    columns["image"] = pa.array(pngs, pa.binary())
+    return pa.table(columns, schema=RESULT_SCHEMA), errors
+
+
+def _true_images(scm: ImageSCM, source: np.ndarray, rows: np.ndarray, images: np.ndarray,
+                 problems: dict) -> None:
+    """The true image of each source_index row (once per query, not per sample).
+
+    An index the ground truth lacks (an imported file without that row) fails only its row.
+    """
+    rows = np.asarray([i for i in rows if i not in problems], dtype=np.int64)
+    if not len(rows):
+        return
+    try:
+        images[rows] = np.asarray(scm.ground_truth.images(source[rows])).reshape(len(rows), -1)
+    except ValueError:
+        for i in rows:
+            try:
+                images[i] = np.asarray(scm.ground_truth.images(source[i:i + 1])).reshape(-1)
+            except ValueError as exc:
+                problems[i].append(f"source_index {source[i]}: no true image: {exc}")

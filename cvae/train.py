@@ -1,0 +1,453 @@
+"""Data-parallel training of the supervised VAE with Ray Train.
+
+`train_func` runs on every Ray Train worker: it reads only its own shards through
+`ShardReader(rank, world_size)`, trains the DDP-wrapped model on the negative ELBO,
+all-reduces the per-image losses, and reports metrics with a checkpoint every epoch
+(rank 0 writes it). It resumes from `ray.train.get_checkpoint()`, which Ray Train fills
+after a worker failure (FailureConfig) and when a run is started again with the same
+name and storage path (Train V2 reloads its checkpoint-manager snapshot from there).
+
+`run_training` is the driver: it builds the TorchTrainer (or runs the same function
+in-process with `num_workers: 0`, Ray Train's local mode) and writes the metrics
+(CSV, JSON), a loss-curve PNG and a reconstruction-grid PNG into the output folder.
+
+Every checkpoint's JSON holds the config, the data manifest, the factor SCM, the epoch,
+that epoch's metrics and the history of all epochs so far (with the attempt each ran
+in), so the history survives restarts and any checkpoint tells its own story.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cvae.checkpoint import CheckpointError, load_checkpoint, load_meta, load_optimizer_state, save_checkpoint
+from cvae.config import Config, ConfigError, config_from_dict
+from cvae.model import SupervisedVAE
+
+SCORE = "test_loss"  # checkpoints are ranked on it (lower is better)
+# Fault drills: "EPOCH:STEP:RANK" makes that worker SIGKILL itself once, at that step of
+# that epoch (a marker file in the run folder stops it firing again after the restart).
+KILL_ENV = "CVAE_TRAIN_KILL_AT"
+METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
+CURVE_PNG, RECON_PNG = "loss_curve.png", "reconstructions.png"
+
+
+@dataclass
+class TrainingResult:
+    run_dir: str  # the Ray Train run folder: checkpoints and Ray's own state
+    best_checkpoint: str  # lowest test loss among the kept checkpoints
+    latest_checkpoint: str  # the last epoch's checkpoint (what a rerun resumes from)
+    history: list[dict] = field(default_factory=list)  # one record per epoch, in order
+    files: dict[str, str] = field(default_factory=dict)  # metrics and figure paths
+
+
+# ---------------------------------------------------------------- on each worker
+
+
+def train_func(loop_config: dict) -> None:
+    """One Ray Train worker's loop (also run in-process in local mode)."""
+    import ray.train
+    import ray.train.torch
+
+    from cvae.reader import ShardReader
+
+    config = config_from_dict(loop_config["config"])
+    train = config.train
+    data_dir = loop_config["data_dir"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(train.threads_per_worker)
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(config.seed)  # identical initial weights on every worker
+    model = SupervisedVAE(**_model_spec(config))
+    optimizer_state, start_epoch, history, attempt = None, 1, [], 0
+    resume_dir = _resume_checkpoint(loop_config)
+    if resume_dir is not None:
+        with resume_dir as directory:
+            saved, meta = load_checkpoint(directory)
+            if saved.spec() != model.spec():
+                raise CheckpointError(
+                    f"run {loop_config['run_name']!r} was trained with model {saved.spec()}, "
+                    f"the config asks for {model.spec()}: use another run name"
+                )
+            model.load_state_dict(saved.state_dict())
+            optimizer_state = load_optimizer_state(directory)
+        start_epoch, history, attempt = meta["epoch"] + 1, meta["history"], meta["attempt"] + 1
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # the config's lr wins over the saved one
+            group["lr"] = train.lr
+
+    readers = {
+        split: ShardReader(data_dir, split=split, rank=rank, world_size=world,
+                           batch_size=train.batch_size, seed=config.seed,
+                           shuffle_buffer=train.shuffle_buffer, verify=True)
+        for split in ("train", "test", "holdout")
+        if split == "train" or loop_config["manifest_counts"].get(split, 0) > 0
+    }
+    kill_at = loop_config.get("kill_at")
+
+    for epoch in range(start_epoch, train.epochs + 1):
+        # Seeded per (epoch, rank): a resumed epoch draws the same z noise as the original.
+        torch.manual_seed(config.seed * 1_000_003 + epoch * 1_009 + rank)
+        model.train()
+        started = time.perf_counter()
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        for step, batch in enumerate(_capped(readers["train"].epoch(epoch), train.max_steps_per_epoch)):
+            if kill_at and (epoch, step, rank) == tuple(kill_at["where"]):
+                _kill_once(kill_at["marker"])
+            x, y = _to_model(batch, device)
+            loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().double()
+            count += len(x)
+        seconds = time.perf_counter() - started
+        train_loss, train_rows = _all_reduce_mean(total, count, device)
+        record = {
+            "epoch": epoch, "attempt": attempt, "train_loss": train_loss,
+            "train_images": train_rows, "seconds": round(seconds, 3),
+            "images_per_s": round(train_rows / seconds, 1),
+            "images_per_s_per_worker": round(train_rows / seconds / world, 1),
+            "workers": world,
+        }
+        if epoch % train.eval_every == 0 or epoch == train.epochs:
+            for split in ("test", "holdout"):
+                if split in readers:
+                    record[f"{split}_loss"] = _evaluate(model, readers[split], device)
+        history = history + [record]
+        _report(loop_config, config, model, optimizer, record, history, rank)
+
+
+def _resume_checkpoint(loop_config: dict):
+    """A context manager giving the directory to resume from, or None to start fresh."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        return checkpoint.as_directory()
+    if loop_config["local_mode"]:  # local mode keeps no state between runs: look ourselves
+        latest = _latest_local_checkpoint(Path(loop_config["run_dir"]))
+        if latest is not None:
+            return _PlainDirectory(latest)
+    return None
+
+
+class _PlainDirectory:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> str:
+        return str(self.path)
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _capped(batches: Iterator, max_steps: int) -> Iterator:
+    """At most `max_steps` batches (0: all). Every rank has the same number of batches,
+    so every rank stops at the same step and DDP's all-reduces stay matched."""
+    for step, batch in enumerate(batches):
+        if max_steps and step >= max_steps:
+            return
+        yield batch
+
+
+def _to_model(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = batch.images.to(device, non_blocking=True).reshape(len(batch.images), -1).float()
+    return x, batch.classes.to(device, non_blocking=True)
+
+
+def _all_reduce_mean(total: torch.Tensor, count: int, device: torch.device) -> tuple[float, int]:
+    """Sum (loss, rows) over workers: the mean per image over all rows, and the rows."""
+    sums = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    total, rows = sums.tolist()
+    return (total / rows if rows else math.nan), int(rows)
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, reader, device: torch.device) -> float:
+    """Mean negative ELBO per image over a split; a rank without that split's shards
+    adds zeros, so every rank takes part in the all-reduce."""
+    module = getattr(model, "module", model)  # no DDP machinery for a forward-only pass
+    module.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in reader.epoch(0):  # a fixed order: eval does not depend on the epoch
+        x, y = _to_model(batch, device)
+        total += module(x, y).double()
+        count += len(x)
+    module.train()
+    return _all_reduce_mean(total, count, device)[0]
+
+
+def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
+            history: list[dict], rank: int) -> None:
+    """ray.train.report with this epoch's checkpoint (written by rank 0 only)."""
+    import ray.train
+
+    epoch = record["epoch"]
+    # Ray ranks checkpoints on SCORE: an epoch without a test evaluation scores NaN,
+    # which Ray orders below every number, so it is never kept as a "best" one.
+    metrics = {**record, SCORE: record.get(SCORE, math.nan)}
+    name = f"checkpoint_epoch_{epoch:05d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    meta = {
+        "config": loop_config["config"], "manifest": loop_config["manifest"],
+        "scm": loop_config["scm"], "epoch": epoch, "attempt": record["attempt"],
+        "metrics": _json_safe(record), "history": _json_safe(history),
+    }
+    if loop_config["local_mode"]:
+        # Local mode keeps the Checkpoint object as given: write it where it stays.
+        directory = Path(loop_config["run_dir"]) / name
+        save_checkpoint(directory, model, meta, optimizer)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+        _prune_local(Path(loop_config["run_dir"]), config.train.keep_checkpoints)
+    else:
+        staging = tempfile.mkdtemp(prefix="cvae-ckpt-")
+        try:
+            save_checkpoint(staging, model, meta, optimizer)
+            # Synchronous upload: the files are in storage when report returns.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    _print_progress(record, config.train.epochs)
+    if loop_config.get("progress_dir"):
+        try:  # refresh the metrics and the loss curve as the run goes; never fatal
+            write_metrics(Path(loop_config["progress_dir"]), history)
+        except OSError as exc:
+            print(f"(could not refresh metrics in {loop_config['progress_dir']}: {exc})", flush=True)
+
+
+def _print_progress(record: dict, epochs: int) -> None:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train {record['train_loss']:.2f}"]
+    for split in ("test", "holdout"):
+        if f"{split}_loss" in record:
+            parts.append(f"{split} {record[f'{split}_loss']:.2f}")
+    parts.append("nats/image")
+    parts.append(f"{record['images_per_s']:.0f} img/s ({record['images_per_s_per_worker']:.0f}/worker)")
+    parts.append(f"{record['seconds']:.1f}s")
+    if record["attempt"]:
+        parts.append(f"(attempt {record['attempt'] + 1})")
+    print("  ".join(parts), flush=True)
+
+
+def _kill_once(marker: str) -> None:
+    """The fault drill: SIGKILL this worker process, once per marker file."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.fsync(fd)
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- local-mode bookkeeping
+
+
+def _local_checkpoints(run_dir: Path) -> list[tuple[Path, dict]]:
+    found = []
+    for path in sorted(run_dir.glob("checkpoint_epoch_*")):
+        try:
+            found.append((path, load_meta(path)))
+        except CheckpointError:
+            continue  # a checkpoint cut short by a crash: not one to resume from
+    return found
+
+
+def _latest_local_checkpoint(run_dir: Path) -> Path | None:
+    found = _local_checkpoints(run_dir)
+    return max(found, key=lambda pm: pm[1]["epoch"])[0] if found else None
+
+
+def _prune_local(run_dir: Path, keep: int) -> None:
+    """Ray's policy, by hand for local mode: keep the best `keep` and always the latest."""
+    found = _local_checkpoints(run_dir)
+    if len(found) <= keep:
+        return
+    latest = max(found, key=lambda pm: pm[1]["epoch"])[0]
+    ranked = sorted(found, key=lambda pm: _score_key(pm[1]["metrics"]))
+    for path, _ in ranked[keep:]:
+        if path != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _score_key(metrics: dict) -> tuple[int, float, int]:
+    """Sort key: evaluated checkpoints by test loss, then the rest; ties to the later."""
+    value = metrics.get(SCORE)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return (1, 0.0, -metrics["epoch"])
+    return (0, value, -metrics["epoch"])
+
+
+# ---------------------------------------------------------------- on the driver
+
+
+def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
+                 run_name: str | None = None) -> TrainingResult:
+    """Train per `config.train` on the shards in `data_dir`; checkpoints go to
+    `out_dir/<run_name>/`, metrics and figures to `out_dir`. A run whose folder already
+    holds checkpoints continues from the latest one."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cvae.scm import FactorSCM
+    from cvae.shards import read_manifest
+
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    run_name = run_name or config.name
+    manifest = read_manifest(data_dir)
+    train = config.train
+    local_mode = train.num_workers == 0
+    run_dir = out_dir / run_name
+    loop_config = {
+        "config": config.to_dict(), "data_dir": str(data_dir), "manifest": manifest,
+        "manifest_counts": _split_counts(manifest),
+        "scm": FactorSCM.from_config(config.scm, data_dir).to_dict(),
+        "local_mode": local_mode, "run_dir": str(run_dir), "run_name": run_name,
+        "progress_dir": str(out_dir),
+    }
+    if loop_config["manifest_counts"].get("train", 0) == 0:
+        raise ConfigError(f"{data_dir}: the manifest lists no training rows")
+    kill_at = os.environ.get(KILL_ENV)
+    if kill_at:
+        if local_mode:
+            raise ConfigError(f"{KILL_ENV} needs Ray Train workers (train.num_workers >= 1)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        loop_config["kill_at"] = {"where": _parse_kill_at(kill_at),
+                                  "marker": str(run_dir / f".killed-{kill_at.replace(':', '-')}")}
+
+    if not local_mode and not ray.is_initialized():
+        ray.init(address=config.ray_address,
+                 num_cpus=config.num_cpus if config.ray_address is None else None)
+    if local_mode:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu,
+            resources_per_worker=None if local_mode else {"CPU": train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(out_dir),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            # Ray keeps the latest checkpoint besides the best ones, so a rerun resumes.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=train.keep_checkpoints,
+                checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
+        ),
+    )
+    result = trainer.fit()
+
+    if local_mode:
+        kept = _local_checkpoints(run_dir)
+    else:
+        kept = [(Path(c.path), load_meta(c.path)) for c, _ in (result.best_checkpoints or [])]
+        if result.checkpoint is not None and all(p != Path(result.checkpoint.path) for p, _ in kept):
+            kept.append((Path(result.checkpoint.path), load_meta(result.checkpoint.path)))
+    if not kept:
+        raise RuntimeError(f"training under {run_dir} produced no checkpoint")
+    latest, latest_meta = max(kept, key=lambda pm: pm[1]["epoch"])
+    best = min(kept, key=lambda pm: _score_key(pm[1]["metrics"]))[0]
+    history = latest_meta["history"]
+    files = write_metrics(out_dir, history)
+    files["reconstructions"] = str(save_reconstructions(best, data_dir, out_dir / RECON_PNG))
+    return TrainingResult(str(run_dir), str(best), str(latest), history, files)
+
+
+def _split_counts(manifest: dict) -> dict[str, int]:
+    """Rows per split, as the manifest counts them."""
+    return {split: int(n) for split, n in manifest["counts"].items()}
+
+
+def _parse_kill_at(text: str) -> tuple[int, int, int]:
+    try:
+        epoch, step, rank = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"{KILL_ENV}={text!r}: expected EPOCH:STEP:RANK, e.g. 2:3:1") from None
+    return epoch, step, rank
+
+
+def _model_spec(config: Config) -> dict:
+    return {"arch": config.model.arch, "z_dim": config.model.z_dim, "hidden": config.model.hidden}
+
+
+def _json_safe(value):
+    """NaN and inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_metrics(out_dir: Path, history: list[dict]) -> dict[str, str]:
+    """metrics.json, metrics.csv and the loss-curve PNG from the epoch records."""
+    import pandas as pd
+
+    from cvae.figures import save_curves
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history = _json_safe(history)
+    tmp = out_dir / (METRICS_JSON + ".tmp")
+    tmp.write_text(json.dumps(history, indent=1))
+    os.replace(tmp, out_dir / METRICS_JSON)
+    pd.DataFrame(history).to_csv(out_dir / METRICS_CSV, index=False)
+    curves = {}
+    for split in ("train", "test", "holdout"):
+        points = [(r["epoch"], r[f"{split}_loss"]) for r in history if r.get(f"{split}_loss") is not None]
+        if points:
+            curves[split] = ([p[0] for p in points], [p[1] for p in points])
+    save_curves(out_dir / CURVE_PNG, curves, title="negative ELBO per image")
+    return {"metrics_json": str(out_dir / METRICS_JSON), "metrics_csv": str(out_dir / METRICS_CSV),
+            "loss_curve": str(out_dir / CURVE_PNG)}
+
+
+def reconstruct(model: SupervisedVAE, images: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
+    """Pixel probabilities decoded from the posterior mean of z: (B, 64, 64) in [0, 1]."""
+    with torch.no_grad():
+        x = images.reshape(len(images), -1).float()
+        loc, _ = model.encode(x, classes)
+        return torch.sigmoid(model.decode(loc, classes)).reshape(images.shape).numpy()
+
+
+def save_reconstructions(checkpoint_dir: str | Path, data_dir: str | Path, path: Path,
+                         count: int = 10) -> Path:
+    """Test images above their reconstructions by the checkpoint's model."""
+    from cvae.figures import save_image_grid
+    from cvae.reader import ShardReader
+
+    model, meta = load_checkpoint(checkpoint_dir)
+    reader = ShardReader(data_dir, split="test", batch_size=count, seed=0, verify=False)
+    batch = next(iter(reader.epoch(0)), None)
+    if batch is None:  # no test split: show training rows instead
+        reader = ShardReader(data_dir, split="train", batch_size=count, seed=0, verify=False)
+        batch = next(iter(reader.epoch(0)))
+    recon = reconstruct(model, batch.images, batch.classes)
+    return save_image_grid(path, [batch.images.numpy(), recon], row_labels=["test", "recon"],
+                           title=f"reconstructions, epoch {meta['epoch']}")

@@ -1,0 +1,62 @@
+"""Train the supervised VAE with Ray Train.
+
+    python -m jobs.train --config configs/local.yaml [--data DIR] [--out DIR] [--run-name NAME]
+
+Defaults: data from <config.out>/data, checkpoints and metrics into <config.out>/train.
+Running again with the same run name (default: the config's name) and output folder
+continues from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cvae.checkpoint import CheckpointError
+from cvae.config import ConfigError, load_config
+from cvae.errors import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--data", help="dataset folder written by jobs.prepare_data")
+    parser.add_argument("--out", help="output folder for checkpoints, metrics and figures")
+    parser.add_argument("--run-name", help="Ray Train run name; reuse it to resume")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config)
+        data = Path(args.data or Path(config.out) / "data")
+        out = Path(args.out or Path(config.out) / "train")
+        if not (data / "manifest.json").is_file():
+            raise ConfigError(f"no dataset at {data}: {data / 'manifest.json'} is missing "
+                              f"(write one with python -m jobs.prepare_data)")
+        from cvae.train import run_training
+
+        result = run_training(config, data, out, run_name=args.run_name)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(exc, TrainingFailedError):
+            raise
+        # Workers failed more often than train.max_failures allows; their tracebacks
+        # are in the message and in the Ray logs.
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    last = result.history[-1]
+    print(f"done: epoch {last['epoch']}, train {last['train_loss']:.2f}"
+          + (f", test {last['test_loss']:.2f}" if last.get("test_loss") is not None else "")
+          + " nats/image")
+    print(f"best checkpoint:   {result.best_checkpoint}")
+    print(f"latest checkpoint: {result.latest_checkpoint}")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Small SCMs and checkpoints for the SCM, query and engine tests (built, never downloaded)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cvae.checkpoint import save_checkpoint
+from cvae.config import Config
+from cvae.grid import FACTOR_SIZES
+from cvae.model import SupervisedVAE
+from cvae.scm import FactorSCM
+
+CAUSAL_EDGES = [("shape", "scale"), ("scale", "pos_y")]
+
+
+def causal_tables() -> dict:
+    """shape -> scale -> pos_y: hearts tend to be big, big sprites tend to sit low."""
+    scale = np.array([np.exp(-0.8 * (np.arange(6) - 5 * s / 2) ** 2) for s in range(3)])
+    pos_y = np.array([np.exp(-((np.arange(32) - 4 - 5 * k) / 4.0) ** 2) for k in range(6)])
+    return {"shape": np.full(3, 1 / 3),
+            "scale": scale / scale.sum(1, keepdims=True),
+            "pos_y": pos_y / pos_y.sum(1, keepdims=True)}
+
+
+def causal_scm() -> FactorSCM:
+    return FactorSCM(CAUSAL_EDGES, causal_tables())
+
+
+def tiny_vae(seed: int = 0, z_dim: int = 4, hidden: int = 16) -> SupervisedVAE:
+    torch.manual_seed(seed)
+    return SupervisedVAE("mlp", z_dim, hidden).eval()
+
+
+def make_checkpoint(directory, factors: FactorSCM | None = None, seed: int = 0) -> str:
+    """A checkpoint with the meta layout the trainer writes (config, manifest, scm)."""
+    factors = factors or FactorSCM.uniform()
+    config = Config()
+    config.model.z_dim, config.model.hidden = 4, 16
+    manifest = {"generator": "render", "official_path": None, "strides": {}}
+    save_checkpoint(directory, tiny_vae(seed), {"config": config.to_dict(), "manifest": manifest,
+                                                 "epoch": 1, "metrics": {}, "scm": factors.to_dict()})
+    return str(directory)
+
+
+def sizes(f: str) -> int:
+    return FACTOR_SIZES[f]

@@ -1,0 +1,197 @@
+"""The query engine through Ray Data: Parquet to Parquet, bad rows, determinism, and faults."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cvae.engine import SUCCESS, read_output, run_query_job
+from cvae.queries import QUERY_SCHEMA, QuerySchemaError, answer_queries
+from cvae.scm import ImageSCM
+from scm_fixtures import causal_scm, make_checkpoint
+
+KEY = [("query_id", "ascending"), ("sample", "ascending")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def queries(n: int, seed: int = 0, bad_every: int = 0, samples: int = 2) -> pa.Table:
+    """n queries of all three kinds (causal SCM), every `bad_every`-th one broken."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        kind = ["condition", "intervene", "counterfactual"][i % 3]
+        row = {"query_id": f"q{i:06d}", "kind": kind, "num_samples": int(rng.integers(1, samples + 1))}
+        if kind == "condition":
+            row["given_pos_y"] = int(rng.integers(0, 32))
+        elif kind == "intervene":
+            row["do_scale"] = int(rng.integers(0, 6))
+        else:
+            row["source_index"] = int(rng.integers(0, 737280))
+            row["do_shape"] = int(rng.integers(0, 3))
+        if bad_every and i % bad_every == 0:
+            row["num_samples"] = -1
+        rows.append({name: row.get(name) for name in QUERY_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), causal_scm())
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint):
+    """The pure function's answers for queries(60, bad_every=7): the reference."""
+    scm = ImageSCM.from_checkpoint(checkpoint, device="cpu")
+    return answer_queries(scm, queries(60, bad_every=7))
+
+
+def write_split(table: pa.Table, folder: Path, parts: int, seed: int) -> Path:
+    """The rows permuted and spread over `parts` files (a different block order)."""
+    folder.mkdir(parents=True)
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    for k, rows in enumerate(np.array_split(order, parts)):
+        pq.write_table(table.take(rows), folder / f"part-{k}.parquet")
+    return folder
+
+
+def test_all_kinds_parquet_to_parquet_and_independent_of_batching(ray_session, checkpoint, expected, tmp_path):
+    want_results, want_errors = expected
+    table = queries(60, bad_every=7)
+    pq.write_table(table, tmp_path / "q.parquet")
+    runs = [(tmp_path / "q.parquet", 7, 1), (write_split(table, tmp_path / "split", 3, seed=1), 25, 2)]
+    for k, (path, batch_size, actors) in enumerate(runs):
+        out = tmp_path / f"out{k}"
+        summary = run_query_job(checkpoint, path, out, actors=actors, batch_size=batch_size, max_samples=8)
+        results, errors = read_output(out)
+        assert results.sort_by(KEY).equals(want_results.sort_by(KEY))
+        assert errors.sort_by("query_id").equals(want_errors.sort_by("query_id"))
+        assert summary["result_rows"] == want_results.num_rows and summary["error_rows"] == 9
+        assert set(results.column("kind").to_pylist()) == {"condition", "intervene", "counterfactual"}
+        assert not list(out.glob("_staging-*"))
+
+
+def test_duplicates_across_files_are_found(ray_session, checkpoint, tmp_path):
+    table = queries(6)
+    folder = tmp_path / "dups"
+    folder.mkdir()
+    pq.write_table(table, folder / "a.parquet")
+    pq.write_table(table.slice(0, 1), folder / "b.parquet")  # q000000 again, in another file
+    run_query_job(checkpoint, folder, tmp_path / "out", actors=1, batch_size=4)
+    results, errors = read_output(tmp_path / "out")
+    assert errors.column("query_id").to_pylist() == ["q000000", "q000000"]
+    assert "q000000" not in results.column("query_id").to_pylist()
+
+
+def test_whole_file_problems_fail_before_any_work(ray_session, checkpoint, tmp_path):
+    pq.write_table(pa.table({"query_id": ["a"], "kind": ["intervene"], "do_shape": [1.5]}), tmp_path / "bad.parquet")
+    with pytest.raises(QuerySchemaError, match="bad.parquet.*'do_shape' must be an integer"):
+        run_query_job(checkpoint, tmp_path / "bad.parquet", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, "-m", "jobs.query", "--checkpoint", checkpoint,
+                           "--queries", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "must be an integer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of root's descendants, from /proc (this session's Ray processes are ours)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = [], [root]
+    while frontier:
+        kids = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _query_actor_pids() -> list[int]:
+    """Worker processes of this session's Ray (our descendants) that hold a QueryActor."""
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            if b"QueryActor" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_killing_a_query_actor_mid_run_loses_and_duplicates_nothing(ray_session, checkpoint, tmp_path):
+    table = queries(600, seed=3, samples=4)
+    pq.write_table(table, tmp_path / "q.parquet", row_group_size=50)
+    outcome = {}
+
+    def job():
+        outcome["summary"] = run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out",
+                                           actors=1, batch_size=8, max_samples=8)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    killed, seen = None, None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and thread.is_alive():
+        pids = _query_actor_pids()
+        seen = seen or (pids and time.time())
+        if pids and time.time() - seen > 3:  # loaded and answering for a while: kill it mid-run
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.05)
+    assert killed is not None and thread.is_alive(), "the job ended before the actor could be killed"
+    thread.join(timeout=300)
+    results, errors = read_output(tmp_path / "out")
+    assert errors.num_rows == 0
+    want = {q: n for q, n in zip(table.column("query_id").to_pylist(), table.column("num_samples").to_pylist())}
+    ids = results.column("query_id").to_pylist()
+    assert len(ids) == sum(want.values())
+    assert {q: ids.count(q) for q in want} == want
+    assert len(set(zip(ids, results.column("sample").to_pylist()))) == len(ids)
+
+
+def test_killing_the_job_then_rerunning_gives_exactly_the_output(ray_session, checkpoint, tmp_path):
+    big = queries(600, seed=5, bad_every=7)
+    pq.write_table(big, tmp_path / "q.parquet", row_group_size=50)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.query", "--checkpoint", checkpoint,
+                             "--queries", str(tmp_path / "q.parquet"), "--out", str(out),
+                             "--actors", "1", "--batch-size", "8"],
+                            cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, seen = time.time() + 180, None
+    while time.time() < deadline and proc.poll() is None:
+        staged = list(out.glob("_staging-*/results/*.parquet"))
+        seen = seen or (_query_actor_pids() and time.time())
+        if staged or (seen and time.time() - seen > 3):  # some answers staged, or answering for a while
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
+    proc.wait()
+    # Nothing partial is visible: no committed folders, no success marker.
+    assert not (out / "results").exists() and not (out / "errors").exists() and not (out / SUCCESS).exists()
+    # Rerun twice into the same folder: the output is complete, without duplicates.
+    for _ in range(2):
+        run_query_job(checkpoint, tmp_path / "q.parquet", out, actors=1, batch_size=64, max_samples=8)
+        results, errors = read_output(out)
+        counts = dict(zip(*np.unique(results.column("query_id").to_numpy(zero_copy_only=False), return_counts=True)))
+        valid = [(q, n) for q, n in zip(big.column("query_id").to_pylist(), big.column("num_samples").to_pylist())
+                 if n >= 1]
+        assert counts == dict(valid)
+        assert errors.num_rows == big.num_rows - len(valid)
+        assert not list(out.glob("_staging-*"))

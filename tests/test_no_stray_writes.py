@@ -1,0 +1,97 @@
+"""Jobs write only into the output folders they are given.
+
+Each job runs as its own process with HOME, TMPDIR and the working directory inside a
+temporary root; every file and folder under that root is fingerprinted before and after,
+and every difference must lie under the job's output folder. Inputs (the dataset, the
+checkpoint, the queries, the results) sit under the same root, so reading them must not
+touch them either, and staged copies of file:// inputs must be gone afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from cvae.make_queries import make_queries
+from scm_fixtures import make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    entries = {}
+    for path in [root, *root.rglob("*")]:
+        st = path.lstat()
+        if path.is_file() and not path.is_symlink():
+            entries[str(path)] = ("file", st.st_size, st.st_mtime_ns,
+                                  hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            entries[str(path)] = ("other", st.st_mode, st.st_mtime_ns if not path.is_dir() else 0)
+    return entries
+
+
+def _run(root: Path, out: Path, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "MPLCONFIGDIR", "PYTEST", "XDG_"))}
+    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), PYTHONPATH=str(REPO))
+    before = _snapshot(root)
+    done = subprocess.run([sys.executable, "-m", *args], cwd=root / "cwd", env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}\n{done.stderr}"
+    after = _snapshot(root)
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    # Folder mtimes are not compared (a new entry shows up by itself): every new, changed
+    # or removed entry must be the output folder or lie inside it.
+    stray = sorted(p for p in changed if not (p == str(out) or p.startswith(str(out) + os.sep)))
+    assert not stray, f"{args[0]} wrote outside {out}: {stray}"
+    assert any(p.startswith(str(out) + os.sep) for p in changed), f"{args[0]} wrote nothing to {out}"
+    assert not any((root / "tmp").iterdir()), f"{args[0]} left files in TMPDIR"
+
+
+@pytest.fixture
+def root(tmp_path):
+    for name in ("home", "tmp", "cwd", "in"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_jobs_write_only_their_output_folders(root):
+    # prepare_data: the dataset folder only.
+    data = root / "out-data"
+    _run(root, data, "jobs.prepare_data", "--config", str(REPO / "configs" / "tiny.yaml"),
+         "--out", str(data))
+    assert (data / "manifest.json").is_file()
+
+    # make_queries, reading the dataset through a file:// URI (staged, then removed).
+    spec = root / "in" / "spec.yaml"
+    spec.write_text("sources: {split: test}\ninterventions: [{factor: shape, values: other}]\n")
+    queries = root / "out-queries"
+    _run(root, queries, "jobs.make_queries", "--spec", str(spec), "--out", str(queries),
+         "--data", f"file://{data}")
+    assert pads.dataset(str(queries), format="parquet").count_rows() > 0
+
+    # evaluate, on results answered in this process (engine layout), inputs as file:// URIs.
+    from cvae.queries import answer_queries
+    from cvae.scm import ImageSCM
+
+    ckpt = make_checkpoint(root / "in" / "ckpt")
+    make_queries({"sources": {"indices": [7, 300000]},
+                  "interventions": [{"factor": "shape", "values": "all"}]}, root / "in" / "q")
+    table = pads.dataset(str(root / "in" / "q"), format="parquet").to_table()
+    results, errors = answer_queries(ImageSCM.from_checkpoint(ckpt), table)
+    assert errors.num_rows == 0
+    (root / "in" / "res" / "results").mkdir(parents=True)
+    pq.write_table(results, root / "in" / "res" / "results" / "part-0.parquet")
+    (root / "in" / "res" / "_SUCCESS.json").write_text("{}")
+    report = root / "out-eval"
+    _run(root, report, "jobs.evaluate", "--results", f"file://{root / 'in' / 'res'}",
+         "--queries", f"file://{root / 'in' / 'q'}", "--checkpoint", f"file://{ckpt}",
+         "--out", str(report), "--figures-per-factor", "2", "--reversibility-samples", "4")
+    assert (report / "report.json").is_file() and list((report / "figures").glob("*.png"))
