@@ -1,14 +1,19 @@
 """Counterfactual queries per second against this machine's compute roof, and peak memory.
 
-    python -m benchmarks.bench_query [--queries 2000] [--actors 2] [--memory 100000,1000000]
+    python -m benchmarks.bench_query [--queries 20000] [--layouts 2x1,1x2] [--memory 100000,1000000]
 
 Speed: the notebook's mlp (z 50, hidden 1000), one sample per counterfactual query, a
 randomly initialised checkpoint (speed does not depend on the weights):
-- in-process: `answer_queries` on one Arrow table;
-- end to end: Parquet -> Ray Data actor pool -> Parquet (`run_query_job`, Ray already up);
-each next to the roof measured in the same run: the FLOPs a counterfactual needs (one encoder
-pass, two decoder passes: abduction of U_x and prediction) divided by the float32 matmul
-FLOP/s torch reaches here on all cores.
+- in-process: `answer_queries` on one Arrow table (--in-process queries);
+- end to end: Parquet -> Ray Data actor pool -> Parquet (`run_query_job`, Ray already up),
+  for each actor layout ACTORSxCPUS (CPUs = torch threads per actor). Two figures: the total
+  rate of a run of --queries queries (actor start-up and checkpoint loading included), and
+  the steady rate without start-up, measured as the marginal rate between that run and a
+  run of --small queries: (N - n) / (T(N) - T(n)), the fixed start-up cost cancels out;
+each next to the roof: the FLOPs a counterfactual needs (one encoder pass, two decoder
+passes: abduction of U_x and prediction) divided by the float32 matmul FLOP/s torch reaches
+here on all cores. The machine may be shared, so the roof is measured right before and right
+after each timed phase and the phase is compared with the mean of the two.
 
 Memory: the same job on files of N queries (a small network, so a million rows finish in
 minutes: what grows with N is the data, not the model); peak of the summed resident memory
@@ -64,10 +69,10 @@ def checkpoint(directory: Path, z: int, h: int) -> str:
     return str(directory)
 
 
-def counterfactual_queries(n: int, seed: int = 0) -> pa.Table:
+def counterfactual_queries(n: int, seed: int = 0, first_id: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     factor = rng.integers(0, 5, n)
-    columns = {"query_id": pa.array([f"q{i:08d}" for i in range(n)]),
+    columns = {"query_id": pa.array([f"q{i:08d}" for i in range(first_id, first_id + n)]),
                "kind": pa.array(["counterfactual"] * n),
                "source_index": pa.array(rng.integers(0, 737280, n))}
     for j, (name, size) in enumerate((("shape", 3), ("scale", 6), ("orientation", 40), ("pos_x", 32), ("pos_y", 32))):
@@ -77,12 +82,13 @@ def counterfactual_queries(n: int, seed: int = 0) -> pa.Table:
     return table
 
 
-def write_queries(path: Path, n: int, chunk: int = 100_000) -> None:
+def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_000) -> None:
     """Written a chunk at a time, in row groups of 10k rows (the reader streams them)."""
     schema = counterfactual_queries(1).schema
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, chunk):
-            writer.write_table(counterfactual_queries(min(chunk, n - start), seed=start), row_group_size=10_000)
+            writer.write_table(counterfactual_queries(min(chunk, n - start), seed=start, first_id=start),
+                               row_group_size=row_group)
 
 
 def tree_rss() -> int:
@@ -130,45 +136,68 @@ class PeakMemory:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--in-process", type=int, default=4000, help="queries for the in-process figure")
+    parser.add_argument("--queries", type=int, default=20000, help="queries of the end-to-end run")
+    parser.add_argument("--small", type=int, default=2000, help="queries of the run that measures start-up")
+    parser.add_argument("--layouts", default="2x1,1x2", help="end-to-end layouts ACTORSxCPUS_PER_ACTOR")
+    parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--memory", default="100000,1000000", help="query counts for the memory figure ('' skips)")
     args = parser.parse_args()
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="bench_query_"))
     figures = {}
-    flops = matmul_flops()
     per_query = counterfactual_flops(50, 1000)
-    roof = flops / per_query
-    figures.update({"matmul_gflops": flops / 1e9, "flops_per_query_m": per_query / 1e6, "roof_qps": roof})
-    print(f"roof: {flops / 1e9:.1f} GFLOP/s matmul / {per_query / 1e6:.1f} MFLOP per counterfactual "
-          f"= {roof:.0f} queries/s", flush=True)
+    figures["flops_per_query_m"] = per_query / 1e6
+
+    def timed(name: str, queries: int, fn) -> float:
+        """Run fn, return queries/s; record it next to the roof measured around it."""
+        before = matmul_flops(1.0)
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        roof = (before + matmul_flops(1.0)) / 2 / per_query
+        qps = queries / seconds
+        figures.update({f"{name}_qps": qps, f"{name}_roof_qps": roof, f"{name}_of_roof": qps / roof,
+                        f"{name}_seconds": seconds})
+        print(f"{name}: {queries} queries in {seconds:.1f} s = {qps:.0f} queries/s = {100 * qps / roof:.0f}% "
+              f"of roof ({roof:.0f} queries/s = {roof * per_query / 1e9:.1f} GFLOP/s / "
+              f"{per_query / 1e6:.1f} MFLOP)", flush=True)
+        return seconds
 
     ckpt = checkpoint(work / "ckpt", 50, 1000)
     scm = ImageSCM.from_checkpoint(ckpt, device="cpu")
-    table = counterfactual_queries(args.queries)
+    table = counterfactual_queries(args.in_process)
     answer_queries(scm, table.slice(0, 64))  # warm up
-    start = time.perf_counter()
-    results, errors = answer_queries(scm, table)
-    seconds = time.perf_counter() - start
-    assert errors.num_rows == 0 and results.num_rows == args.queries
-    qps = args.queries / seconds
-    figures.update({"in_process_qps": qps, "in_process_of_roof": qps / roof})
-    print(f"in-process: {qps:.0f} queries/s = {100 * qps / roof:.0f}% of roof", flush=True)
+    outcome = {}
+    timed("in_process", args.in_process, lambda: outcome.update(answer=answer_queries(scm, table)))
+    results, errors = outcome["answer"]
+    assert errors.num_rows == 0 and results.num_rows == args.in_process
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    pq.write_table(table, work / "q.parquet", row_group_size=args.batch_size)
-    run_query_job(ckpt, work / "q.parquet", work / "warm", actors=args.actors, batch_size=args.batch_size)
-    start = time.perf_counter()
-    summary = run_query_job(ckpt, work / "q.parquet", work / "out", actors=args.actors, batch_size=args.batch_size)
-    seconds = time.perf_counter() - start
-    assert summary["result_rows"] == args.queries
-    qps = args.queries / seconds
-    figures.update({"end_to_end_qps": qps, "end_to_end_of_roof": qps / roof})
-    print(f"end to end ({args.actors} actors, batch {args.batch_size}): {qps:.0f} queries/s "
-          f"= {100 * qps / roof:.0f}% of roof (includes actor start-up: {seconds:.1f} s)", flush=True)
+    # Two logical CPUs beyond the cores: the read and write tasks are light; the actors compute.
+    ray.init(num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False)
+    for n in (args.small, args.queries):
+        write_queries(work / f"q{n}.parquet", n, row_group=args.batch_size)
+    run_query_job(ckpt, work / f"q{args.small}.parquet", work / "warm", actors=1, batch_size=args.batch_size)
+    for layout in args.layouts.split(","):
+        actors, cpus = (int(x) for x in layout.split("x"))
+        name = f"end_to_end_{actors}x{cpus}"
+
+        def job(n, actors=actors, cpus=cpus):
+            summary = run_query_job(ckpt, work / f"q{n}.parquet", work / f"out{n}", actors=actors,
+                                    cpus_per_actor=cpus, batch_size=args.batch_size)
+            assert summary["result_rows"] == n
+
+        print(f"end to end, {actors} actor(s) x {cpus} CPU/thread(s), batch {args.batch_size}:", flush=True)
+        small = timed(f"{name}_small", args.small, lambda: job(args.small))
+        large = timed(name, args.queries, lambda: job(args.queries))
+        steady = (args.queries - args.small) / (large - small)
+        roof = (figures[f"{name}_roof_qps"] + figures[f"{name}_small_roof_qps"]) / 2
+        figures.update({f"{name}_steady_qps": steady, f"{name}_steady_of_roof": steady / roof,
+                        f"{name}_startup_seconds": small - args.small / steady})
+        print(f"{name} steady state (start-up excluded, marginal rate): {steady:.0f} queries/s = "
+              f"{100 * steady / roof:.0f}% of roof; fixed cost (start-up) about "
+              f"{small - args.small / steady:.1f} s", flush=True)
 
     small = checkpoint(work / "small", 4, 16)
     for n in [int(x) for x in args.memory.split(",") if x]:
@@ -176,7 +205,7 @@ def main() -> None:
         write_queries(path, n)
         with PeakMemory() as mem:
             start = time.perf_counter()
-            summary = run_query_job(small, path, work / f"out{n}", actors=args.actors, batch_size=4096)
+            summary = run_query_job(small, path, work / f"mem{n}", actors=2, batch_size=4096)
         assert summary["result_rows"] == n
         figures[f"peak_rss_gib_{n}"] = mem.peak / 2**30
         print(f"memory: {n} queries: peak RSS (driver + Ray processes) {mem.peak / 2**30:.2f} GiB, "

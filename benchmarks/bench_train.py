@@ -1,7 +1,7 @@
 """Training speed and quality, measured side by side in one run.
 
     python benchmarks/bench_train.py [--config configs/bench.yaml] [--data DIR] [--steps 40]
-    python benchmarks/bench_train.py --quality [--archs mlp,conv]   # the long run
+    python benchmarks/bench_train.py --quality [--archs mlp,conv] [--epochs N]   # the long run
 
 Speed (default): with the config's model, batch size and threads per worker,
   1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s;
@@ -103,11 +103,10 @@ def _override(config: Config, overrides: dict) -> Config:
 
 
 def speed(config: Config, data_dir: Path, out: Path, steps: int) -> None:
-    import ray
+    from cvae.localray import init_ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, config.train.num_workers * config.train.cpus_per_worker),
-                 include_dashboard=False, log_to_driver=False)
+    init_ray(config.ray_address, num_cpus=max(2, config.train.num_workers * config.train.cpus_per_worker),
+             log_to_driver=False)
     t = config.train
     print(f"\nmodel {config.model.arch} (z {config.model.z_dim}, hidden {config.model.hidden}), "
           f"batch {t.batch_size}, {t.threads_per_worker} thread(s) per worker, {steps} timed steps",
@@ -165,8 +164,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
     parser.add_argument("--quality", action="store_true", help="run the quality benchmark instead")
     parser.add_argument("--archs", default="mlp,conv")
+    parser.add_argument("--epochs", type=int,
+                        help="override train.epochs (a rerun continues the same runs to it)")
     args = parser.parse_args()
     config = load_config(args.config)
+    if args.epochs:
+        config = _override(config, {"train.epochs": args.epochs})
     out = Path(args.out or config.out).resolve()
     data_dir = ensure_data(config, Path(args.data or out / "data").resolve())
     if args.quality:

@@ -2,27 +2,29 @@
 
     read_parquet(queries) -> map_batches(QueryActor, concurrency=actors) -> AtomicParquetSink
 
+The checkpoint, the queries and the output folder may each be a local path or a URI that
+pyarrow's filesystems handle (file://, s3://, gs://): the queries are read and the output is
+written through that filesystem, and each actor stages the checkpoint to its local disk.
+
 Before any Ray work the driver checks every input file's schema (a whole-file problem is
 a QuerySchemaError) and counts query_ids over the whole input, so duplicates are found
 across blocks, not only within one.
 
 Output layout and commit protocol (docs/queries.md):
-    out_dir/results/part-*.parquet   RESULT_SCHEMA rows, one per sample
-    out_dir/errors/part-*.parquet    ERROR_SCHEMA rows, one per bad query
-    out_dir/_SUCCESS.json            the run's summary, written last
-Write tasks write into out_dir/_staging-<run id>/ (a name Parquet readers skip); each file
-is written under a temporary name and renamed, and a write task reports the files it
-finished. Only when the whole dataset is written does the driver move the reported files
-into place (files from killed or retried tasks were never reported and are dropped), swap
-the folders in, and write _SUCCESS.json. A killed job leaves nothing partial in results/
-or errors/; a rerun with the same out_dir removes stale staging folders and replaces the
-output, so it never holds duplicates.
+    out/results/part-*.parquet   RESULT_SCHEMA rows, one per sample
+    out/errors/part-*.parquet    ERROR_SCHEMA rows, one per bad query
+    out/_SUCCESS.json            the run's summary, written last
+Write tasks write into out/_staging-<run id>/ (a name Parquet readers skip) through the
+output's filesystem, so tasks on any node can write to shared or object storage; each file
+is written under a temporary name and moved, and a write task reports the files it
+finished. Only when the whole dataset is written does the driver delete unreported files
+(from killed or retried tasks), move the folders into place, and write _SUCCESS.json. A
+killed job leaves nothing partial in results/ or errors/; a rerun with the same out removes
+stale staging folders and replaces the output, so it never holds duplicates.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -31,9 +33,12 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from cvae import fs as cfs
+from cvae.localray import init_ray
 from cvae.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
 
 # One table type flows from the actors to the sink: result rows and error rows side by side,
@@ -43,45 +48,91 @@ SUCCESS = "_SUCCESS.json"
 STAGING_PREFIX = "_staging-"
 
 
-def inspect_queries(path: str | Path) -> tuple[list[str], int, frozenset]:
-    """Whole-input checks before any work: (parquet files, row count, duplicated query_ids).
+class OutputLocationError(ValueError):
+    """An output path or URI that cannot be opened (unknown scheme, bad bucket, no access)."""
+
+
+
+def _is_input(relative: str) -> bool:
+    """A Parquet file of a query folder: not hidden, not under a '_' or '.' folder (Spark, Ray)."""
+    parts = relative.split("/")
+    return relative.endswith(".parquet") and not any(part.startswith((".", "_")) for part in parts)
+
+
+def list_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, sorted Parquet files) of a query file or folder, given as a path or URI."""
+    try:
+        fs, root = cfs.resolve(path)
+        info = fs.get_file_info(root)
+    except (ValueError, OSError) as exc:
+        raise QuerySchemaError(f"{path}: cannot open: {exc}") from None
+    if info.type == pafs.FileType.Directory:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        prefix = root.rstrip("/") + "/"
+        files = sorted(f.path for f in found
+                       if f.type == pafs.FileType.File and _is_input(f.path[len(prefix):]))
+        if not files:
+            raise QuerySchemaError(f"{path}: no .parquet files in this folder")
+        return fs, files
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    raise QuerySchemaError(f"{path}: no such file or folder")
+
+
+def inspect_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str], int, frozenset]:
+    """Whole-input checks before any work: (filesystem, parquet files, row count, duplicated query_ids).
 
     Raises QuerySchemaError naming the file for a missing/mistyped column or an unreadable file.
     """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet")
-                       if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-        if not files:
-            raise QuerySchemaError(f"{path}: no .parquet files in this folder")
-    elif path.is_file():
-        files = [str(path)]
-    else:
-        raise QuerySchemaError(f"{path}: no such file or folder")
+    fs, files = list_queries(path)
     rows = 0
     for f in files:
         try:
-            meta = pq.read_metadata(f)
-            schema = pq.read_schema(f)
+            meta = pq.read_metadata(f, filesystem=fs)
+            schema = pq.read_schema(f, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as exc:
             raise QuerySchemaError(f"{f}: not a readable Parquet file: {exc}") from None
         check_schema(schema, where=f)
         rows += meta.num_rows
     # Count ids over the whole input (Arrow memory: about 20-30 bytes per query id).
-    ids = pads.dataset(files, format="parquet").to_table(columns=["query_id"]).column("query_id")
+    ids = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["query_id"]).column("query_id")
     counts = pc.value_counts(ids)
     dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     duplicates = frozenset(v for v in dup.to_pylist() if v is not None)
-    return files, rows, duplicates
+    return fs, files, rows, duplicates
+
+
+def check_checkpoint(checkpoint: str | Path) -> dict:
+    """The checkpoint's meta, read through its filesystem: a missing or broken checkpoint fails
+    here, in the driver, not in every actor."""
+    from cvae.checkpoint import META, CheckpointError, load_meta
+
+    if not cfs.is_uri(checkpoint):
+        return load_meta(checkpoint)
+    try:
+        text = cfs.read_bytes(cfs.join(checkpoint, META))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise CheckpointError(f"not a checkpoint: {cfs.join(checkpoint, META)}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfs.join(checkpoint, META)}: not valid JSON: {exc}") from None
 
 
 class QueryActor:
     """Holds one ImageSCM (loaded once per actor) and answers a batch per call."""
 
-    def __init__(self, checkpoint_dir: str, max_samples: int, duplicate_ids: frozenset):
+    def __init__(self, checkpoint: str, max_samples: int, duplicate_ids: frozenset, threads: int = 1):
+        import torch
+
+        from cvae.checkpoint import META, WEIGHTS
         from cvae.scm import ImageSCM
 
-        self.scm = ImageSCM.from_checkpoint(checkpoint_dir)
+        # As many matmul threads as CPUs reserved for this actor (Ray sets one otherwise).
+        torch.set_num_threads(max(1, threads))
+        # A URI is copied to local disk for the load (weights and meta only), then removed.
+        with cfs.staged(checkpoint, only=None if not cfs.is_uri(checkpoint) else [WEIGHTS, META]) as local:
+            self.scm = ImageSCM.from_checkpoint(local)
         self.max_samples = max_samples
         self.duplicate_ids = duplicate_ids
 
@@ -98,20 +149,53 @@ def combine(results: pa.Table, errors: pa.Table) -> pa.Table:
     return pa.concat_tables([results.cast(COMBINED_SCHEMA), errors])
 
 
+def _children(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    try:
+        return fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Move a folder: one rename where the filesystem has one (local, HDFS), else file by
+    file (object stores such as S3 and GCS have no folder rename)."""
+    parent = dst.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    try:
+        fs.move(src, dst)
+        return
+    except (OSError, NotImplementedError, pa.ArrowNotImplementedError):
+        pass
+    fs.create_dir(dst, recursive=True)
+    for info in _children(fs, src):
+        fs.move(info.path, f"{dst}/{info.base_name}")
+    fs.delete_dir(src)
+
+
 class AtomicParquetSink(Datasink):
-    """A Ray Data sink that splits result and error rows and commits them atomically."""
+    """A Ray Data sink that splits result and error rows and commits them atomically.
+
+    Everything goes through a pyarrow FileSystem (local, or a URI's), so write tasks on any
+    node of a cluster write to the same shared or object storage as the driver.
+    """
 
     def __init__(self, out_dir: str | Path, run_id: str | None = None):
-        self.out_dir = Path(out_dir).resolve()
-        self.staging = self.out_dir / f"{STAGING_PREFIX}{run_id or uuid.uuid4().hex}"
+        self.fs, self.out = cfs.resolve(out_dir)
+        self.out = self.out.rstrip("/")
+        self.staging = f"{self.out}/{STAGING_PREFIX}{run_id or uuid.uuid4().hex}"
         self.summary: dict = {}
 
     def on_write_start(self, schema=None) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        (self.staging / "results").mkdir(parents=True)
-        (self.staging / "errors").mkdir(parents=True)
+        self.fs.create_dir(self.out, recursive=True)
+        for stale in _children(self.fs, self.out):  # left by a killed run
+            if stale.base_name.startswith(STAGING_PREFIX) and stale.type == pafs.FileType.Directory:
+                self.fs.delete_dir(stale.path)
+        self.fs.create_dir(f"{self.staging}/results", recursive=True)
+        self.fs.create_dir(f"{self.staging}/errors", recursive=True)
 
     def write(self, blocks: Iterable, ctx) -> list[tuple[str, int]]:
         from ray.data.block import BlockAccessor
@@ -128,10 +212,10 @@ class AtomicParquetSink(Datasink):
                                      ("errors", is_error, ERROR_SCHEMA)):
             part = table.filter(rows).select(schema.names).cast(schema)
             if part.num_rows:
-                final = self.staging / folder / name
-                tmp = final.with_name("." + name + ".tmp")
-                pq.write_table(part, tmp)
-                os.replace(tmp, final)  # a file under its final name is always complete
+                final = f"{self.staging}/{folder}/{name}"
+                tmp = f"{self.staging}/{folder}/.{name}.tmp"
+                pq.write_table(part, tmp, filesystem=self.fs)
+                self.fs.move(tmp, final)  # a file under its final name is always complete
                 written.append((f"{folder}/{name}", part.num_rows))
         return written
 
@@ -139,35 +223,43 @@ class AtomicParquetSink(Datasink):
         reported = [item for returned in write_result.write_returns for item in (returned or [])]
         keep = {name for name, _ in reported}
         for folder in ("results", "errors"):
-            for f in (self.staging / folder).iterdir():
-                if f"{folder}/{f.name}" not in keep:  # a killed or retried task's leftovers
-                    f.unlink()
+            for f in _children(self.fs, f"{self.staging}/{folder}"):
+                if f"{folder}/{f.base_name}" not in keep:  # a killed or retried task's leftovers
+                    self.fs.delete_file(f.path)
         counts = {"results": 0, "errors": 0}
         for name, rows in reported:
             counts[name.split("/")[0]] += rows
         self.summary = {"result_rows": counts["results"], "error_rows": counts["errors"],
                         "result_files": sum(n.startswith("results/") for n, _ in reported),
                         "error_files": sum(n.startswith("errors/") for n, _ in reported)}
-        commit(self.staging, self.out_dir, self.summary)
+        commit(self.fs, self.staging, self.out, self.summary)
 
     def on_write_failed(self, error: Exception) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            self.fs.delete_dir(self.staging)
+        except OSError:
+            pass
 
 
-def commit(staging: Path, out_dir: Path, summary: dict) -> None:
-    """Swap staging/{errors,results} into out_dir, then write _SUCCESS.json last."""
-    marker = out_dir / SUCCESS
-    marker.unlink(missing_ok=True)  # from here until the end, the output is not complete
-    old = staging / "old"
-    old.mkdir()
+def write_marker(fs: pafs.FileSystem, out: str, summary: dict) -> None:
+    """_SUCCESS.json under a temporary name, then moved: readers never see half of it."""
+    tmp = f"{out}/.{SUCCESS}.tmp"
+    with fs.open_output_stream(tmp) as fh:
+        fh.write(json.dumps(summary, indent=2, sort_keys=True).encode())
+    fs.move(tmp, f"{out}/{SUCCESS}")
+
+
+def commit(fs: pafs.FileSystem, staging: str, out: str, summary: dict) -> None:
+    """Swap staging/{errors,results} into out, then write _SUCCESS.json last."""
+    marker = f"{out}/{SUCCESS}"
+    if _exists(fs, marker):
+        fs.delete_file(marker)  # from here until the end, the output is not complete
     for folder in ("errors", "results"):
-        if (out_dir / folder).exists():
-            os.replace(out_dir / folder, old / folder)
-        os.replace(staging / folder, out_dir / folder)
-    tmp = out_dir / (SUCCESS + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, marker)
-    shutil.rmtree(staging, ignore_errors=True)
+        if _exists(fs, f"{out}/{folder}"):
+            _move_dir(fs, f"{out}/{folder}", f"{staging}/old/{folder}")
+        _move_dir(fs, f"{staging}/{folder}", f"{out}/{folder}")
+    write_marker(fs, out, summary)
+    fs.delete_dir(staging)
 
 
 def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir: str | Path,
@@ -176,49 +268,57 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
                   ray_address: str | None = None, num_cpus: int | None = None) -> dict:
     """Answer every query of a Parquet file or folder into out_dir (see the module docstring).
 
-    Uses the running Ray, else connects to `ray_address` (or starts a local Ray with
-    `num_cpus`) after the input checks. Raises QuerySchemaError before any work for a
-    whole-input problem; bad rows go to out_dir/errors.
+    Each of the three locations may be a local path or a pyarrow filesystem URI. Uses the
+    running Ray, else connects to `ray_address` (or starts a local Ray with `num_cpus`)
+    after the input checks. Raises QuerySchemaError before any work for a whole-input
+    problem; bad rows go to out_dir/errors.
     """
     import ray
 
-    from cvae.checkpoint import load_meta
-
     started = time.time()
-    load_meta(checkpoint_dir)  # a missing or broken checkpoint fails here, not in every actor
-    files, rows, duplicates = inspect_queries(queries_path)
-    checkpoint_dir = str(Path(checkpoint_dir).resolve())
+    check_checkpoint(checkpoint_dir)
+    fs, files, rows, duplicates = inspect_queries(queries_path)
+    # Actors may run on other nodes: give them an absolute path (or the URI as is).
+    checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
+    try:
+        sink = AtomicParquetSink(out_dir)
+    except ValueError as exc:
+        raise OutputLocationError(f"output {out_dir}: {exc}") from None
     if not ray.is_initialized():
-        ray.init(address=ray_address, num_cpus=None if ray_address else num_cpus)
-    ds = ray.data.read_parquet(files)
+        init_ray(ray_address, num_cpus=num_cpus)
+    ds = ray.data.read_parquet(files, filesystem=fs)
     ds = ds.map_batches(
         QueryActor,
-        fn_constructor_kwargs={"checkpoint_dir": checkpoint_dir, "max_samples": max_samples,
-                               "duplicate_ids": duplicates},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "max_samples": max_samples,
+                               "duplicate_ids": duplicates, "threads": max(1, round(cpus_per_actor))},
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=actors,
         num_gpus=gpus_per_actor,
         num_cpus=cpus_per_actor,
     )
-    sink = AtomicParquetSink(out_dir)
     ds.write_datasink(sink)
-    summary = json.loads((Path(out_dir) / SUCCESS).read_text())
+    out_fs, out = sink.fs, sink.out
+    with out_fs.open_input_stream(f"{out}/{SUCCESS}") as fh:
+        summary = json.loads(fh.read())
     summary.update({"queries": rows, "duplicate_ids": len(duplicates),
-                    "seconds": round(time.time() - started, 3), "out": str(Path(out_dir).resolve())})
-    (Path(out_dir) / (SUCCESS + ".tmp")).write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(Path(out_dir) / (SUCCESS + ".tmp"), Path(out_dir) / SUCCESS)
+                    "seconds": round(time.time() - started, 3),
+                    "out": str(out_dir) if cfs.is_uri(out_dir) else out})
+    write_marker(out_fs, out, summary)
     return summary
 
 
 def read_output(out_dir: str | Path) -> tuple[pa.Table, pa.Table]:
-    """(results, errors) of a committed run; refuses an output without _SUCCESS.json."""
-    out_dir = Path(out_dir)
-    if not (out_dir / SUCCESS).is_file():
+    """(results, errors) of a committed run (path or URI); refuses an output without _SUCCESS.json."""
+    fs, out = cfs.resolve(out_dir)
+    out = out.rstrip("/")
+    if fs.get_file_info(f"{out}/{SUCCESS}").type != pafs.FileType.File:
         raise FileNotFoundError(f"{out_dir}: no committed output ({SUCCESS} missing)")
 
     def read(folder, schema):
-        files = sorted((out_dir / folder).glob("*.parquet")) if (out_dir / folder).is_dir() else []
-        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
+        files = sorted(f.path for f in _children(fs, f"{out}/{folder}")
+                       if f.base_name.endswith(".parquet") and f.type == pafs.FileType.File)
+        tables = [pq.read_table(f, schema=schema, filesystem=fs) for f in files]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
     return read("results", RESULT_SCHEMA), read("errors", ERROR_SCHEMA)

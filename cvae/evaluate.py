@@ -14,7 +14,8 @@ the intervened one replaced). Per intervened factor (and joint intervention) and
   image exactly;
 - reversibility: a counterfactual of the answer (its image and factors as the factual
   observation) that does the factual values back must return the factual image; run
-  in-process with `answer_queries` on the checkpoint's SCM, on a sample of rows;
+  in-process with `answer_queries` on the checkpoint's SCM, on a seeded sample of up to
+  `reversibility_samples` rows per group;
 - the same split into rows that touch held-out factor combinations (their source or their
   counterfactual lies in the manifest's holdout rules) and rows that do not.
 
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 from cvae import fs
 from cvae.grid import FACTOR_SIZES, FACTORS, classes_to_index
 from cvae.images import decode_image, encode_pngs
+from cvae.scm import seed_from_query_id
 
 BATCH_ROWS = 2048
 EFFECT_CHUNK = 256  # rows whose candidate images are compared at once (bounded memory)
@@ -155,15 +157,23 @@ def _interventions(queries: Path) -> pa.Table:
 
 
 def _batches(files: list[Path], interventions: pa.Table) -> Iterator[pa.Table]:
-    """Counterfactual result rows with their do_* columns, BATCH_ROWS at a time."""
+    """Counterfactual result rows with their do_* columns, BATCH_ROWS at a time.
+
+    Per file, the query set is first cut down to that file's query_ids (a semi join that
+    hashes the file's ids and scans the queries once), so each batch then joins a small
+    table: the cost grows with queries x files, not queries x batches.
+    """
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+        parquet = pq.ParquetFile(path)
+        ids = parquet.read(columns=["query_id"])["query_id"].unique()
+        wanted = interventions.join(pa.table({"query_id": ids}), keys="query_id", join_type="left semi")
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
             table = pa.Table.from_batches([batch])
             table = table.filter(pc.equal(table["kind"], "counterfactual"))
             if table.num_rows:
                 # Arrow's hash join keeps the order of neither side: restore the results' order.
                 table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-                joined = table.join(interventions, keys="query_id", join_type="left outer")
+                joined = table.join(wanted, keys="query_id", join_type="left outer")
                 yield joined.sort_by("_row")
 
 
@@ -175,7 +185,7 @@ def _ints(table: pa.Table, names: list[str]) -> np.ndarray:
 
 def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, queries: str | Path,
              data_dir: str | Path | None = None, figures_per_factor: int = 8,
-             reversibility_samples: int = 512, max_samples: int = 64) -> dict:
+             reversibility_samples: int = 256, max_samples: int = 64) -> dict:
     """Evaluate the counterfactual results in `results` against ground truth; writes
     report.json, report.md and figures/*.png under `out_dir` (paths or URIs) and returns
     the report."""
@@ -203,7 +213,7 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
         interventions = _interventions(Path(queries_local))
         groups: dict[tuple[str, str], Sums] = {}
         figures: dict[str, list] = {}
-        rev_pool: list[pa.Table] = []
+        rev_pool: dict[str, pa.Table] = {}  # per group: the reversal queries kept so far
         seen_rows = unmatched = 0
         for table in _batches(files, interventions):
             seen_rows += table.num_rows
@@ -213,12 +223,14 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
             raise EvaluationError(f"{results}: no counterfactual result rows")
         if unmatched == seen_rows:
             raise EvaluationError(f"{results}: no result row matches a query_id of {queries}")
-        _reversibility(scm, rev_pool, truth, holdout, groups, max_samples)
+        refused = {"count": 0, "example": None}
+        _reversibility(scm, rev_pool, truth, holdout, groups, max_samples, refused)
 
         report = _report(groups, holdout, seen_rows, unmatched, results, checkpoint, queries)
+        report["reversal_queries_refused"] = refused
         report["figures"] = _save_figures(out_local, figures)
-        (out_local / "report.json").write_text(json.dumps(report, indent=2))
-        (out_local / "report.md").write_text(markdown(report))
+        fs.write_text_atomic(out_local / "report.md", markdown(report))
+        fs.write_text_atomic(out_local / "report.json", json.dumps(report, indent=2))  # last
     return report
 
 
@@ -250,7 +262,7 @@ def _add(groups: dict, names: np.ndarray, parts: dict, fn) -> None:
 
 
 def _evaluate_batch(table: pa.Table, truth, holdout: list, groups: dict, figures: dict,
-                    figures_per_factor: int, rev_pool: list, rev_limit: int) -> int:
+                    figures_per_factor: int, rev_pool: dict, rev_limit: int) -> int:
     do = _ints(table, [f"do_{f}" for f in FACTORS])
     # A row without a matching query (or a query without any do) cannot be grouped: skip it.
     keep = (do >= 0).any(1)
@@ -308,11 +320,15 @@ def _evaluate_batch(table: pa.Table, truth, holdout: list, groups: dict, figures
             label = ",".join(f"{f}={do[i, j]}" for j, f in enumerate(FACTORS) if do[i, j] >= 0)
             shown.append((true_factual[i], answer[i], true_cf[i], label))
 
-    # Reversibility candidates: rows with a real intervention, until the sample is full.
-    room = rev_limit - sum(t.num_rows for t in rev_pool)
-    rows = np.flatnonzero(~null)[:max(room, 0)]
-    if len(rows):
-        rev_pool.append(_reversal_queries(table, rows, cf, factual, do, answer))
+    # Reversibility sample: per group, the rows with the smallest hash of (query_id, sample),
+    # a seeded uniform sample that does not depend on file or row order.
+    rows = np.flatnonzero(~null)
+    if rev_limit and len(rows):
+        fresh = _reversal_queries(table, rows, cf, factual, do, answer)
+        for name in set(names[rows]):
+            mine = fresh.filter(pc.equal(fresh["_group"], name))
+            pool = pa.concat_tables([rev_pool[name], mine]) if name in rev_pool else mine
+            rev_pool[name] = pool.sort_by("_key").slice(0, rev_limit)
     return unmatched
 
 
@@ -332,19 +348,24 @@ def _reversal_queries(table: pa.Table, rows: np.ndarray, cf: np.ndarray, factual
     for j, f in enumerate(FACTORS):  # carried for scoring, dropped before answering
         cols[f"_factual_{f}"] = pa.array(factual[rows, j])
     cols["_group"] = pa.array(_group_names(do[rows]).tolist(), pa.string())
+    cols["_key"] = pa.array([seed_from_query_id(i) for i in ids], pa.uint64())
     return pa.table(cols)
 
 
-def _reversibility(scm, pool: list, truth, holdout: list, groups: dict, max_samples: int) -> None:
+def _reversibility(scm, pool: list, truth, holdout: list, groups: dict, max_samples: int,
+                   refused: dict) -> None:
     from cvae.queries import answer_queries
 
     if not pool:
         return
-    table = pa.concat_tables(pool)
+    table = pa.concat_tables([pool[name] for name in sorted(pool)])
     hidden = [c for c in table.column_names if c.startswith("_")]
     results, errors = answer_queries(scm, table.drop_columns(hidden), max_samples=max_samples)
-    if errors.num_rows:
-        raise EvaluationError(f"reversibility queries were refused: {errors['error'][0].as_py()}")
+    if errors.num_rows:  # e.g. a counterfactual world the factor SCM gives probability zero
+        refused["count"] += errors.num_rows
+        refused["example"] = errors["error"][0].as_py()
+    if not results.num_rows:
+        return
     order = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
     at = np.array([order[q] for q in results["query_id"].to_pylist()])
     back = np.stack([decode_image(b) for b in results["image"].to_pylist()])

@@ -1,25 +1,42 @@
 """PNG figures people would rather look at than read: image grids and loss curves."""
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-# Matplotlib caches its font list under ~/.cache and ~/.config. Jobs write only to the
-# output folders they are given, so unless the user chose a folder, matplotlib gets a
-# private temporary one, removed when the process exits.
-if "MPLCONFIGDIR" not in os.environ:
-    os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="cvae-mpl-")
-    atexit.register(shutil.rmtree, os.environ["MPLCONFIGDIR"], True)
+import numpy as np
 
-import matplotlib  # noqa: E402
 
-matplotlib.use("Agg")  # no screen on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+def _import_pyplot():
+    """Import pyplot without writing to the home directory.
+
+    Matplotlib creates ~/.config/matplotlib and writes its font list to ~/.cache/matplotlib
+    when it is imported; jobs write only to the output folders they are given. Unless the
+    user chose a folder (MPLCONFIGDIR), the import runs against a temporary one that is
+    removed as soon as the import is done (the font list then lives in memory), so no
+    process, however it ends, leaves a folder behind.
+    """
+    if "MPLCONFIGDIR" in os.environ:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no screen on cluster nodes
+        import matplotlib.pyplot as plt
+        return plt
+    with tempfile.TemporaryDirectory(prefix="cvae-mpl-") as folder:
+        os.environ["MPLCONFIGDIR"] = folder
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        finally:
+            del os.environ["MPLCONFIGDIR"]
+    return plt
+
+
+plt = _import_pyplot()
 
 
 def save_image_grid(

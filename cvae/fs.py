@@ -11,6 +11,7 @@ A plain local path is used in place: nothing is copied.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,6 +53,15 @@ def read_bytes(path: str | Path) -> bytes:
         raise FileNotFoundError(f"no such file: {path}")
     with fs.open_input_stream(p) as fh:
         return fh.read()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a local file under a temporary name, then rename: readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def copy_to_local(path: str | Path, local: str | Path) -> Path:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -12,15 +14,38 @@ RAW_SIZE = IMAGE_SIZE * IMAGE_SIZE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """One (64, 64) 0/1 image to 1-bit PNG bytes (about 150 bytes for a sprite)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=bool)).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_head(height: int, width: int) -> bytes:
+    """Signature + IHDR of a 1-bit greyscale PNG (bit depth 1, colour type 0, deflate,
+    filter method 0, no interlace). Only the IDAT chunk differs between images."""
+    return PNG_MAGIC + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+
+
+_PNG_TAIL = _chunk(b"IEND", b"")
 
 
 def encode_pngs(images: np.ndarray) -> list[bytes]:
-    return [encode_png(im) for im in images]
+    """(n, h, w) 0/1 images (64x64 here) to 1-bit PNG bytes each (about 120 bytes for a sprite).
+
+    Written directly (packbits + zlib) rather than through PIL: about 10x faster, and a
+    plain PNG that any reader decodes (filter type 0 on every row).
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected (n, height, width) images, got shape {images.shape}")
+    head = _png_head(*images.shape[1:])
+    rows = np.packbits(images != 0, axis=2)  # (n, 64, 8): 8 pixels per byte, MSB first
+    raw = np.concatenate([np.zeros(rows.shape[:2] + (1,), np.uint8), rows], axis=2)  # filter byte 0
+    raw = raw.reshape(len(images), -1)
+    return [head + _chunk(b"IDAT", zlib.compress(r.tobytes())) + _PNG_TAIL for r in raw]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """One (64, 64) 0/1 image to 1-bit PNG bytes."""
+    return encode_pngs(np.asarray(image)[None])[0]
 
 
 def decode_image(data: bytes) -> np.ndarray:

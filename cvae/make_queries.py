@@ -23,7 +23,9 @@ and each file holds at most `rows_per_file` rows, so a set of tens of millions o
 rows never sits in memory. Everything random comes from a counter-based hash of
 (seed, source index, entry), so a query's row does not depend on chunking or on
 which other sources are in the set. `query_id` is "<prefix><source_index>-do_<factor>=<class>"
-(joint interventions join one "-do_..." per factor, in factor order).
+(joint interventions join one "-do_..." per factor, in factor order); rows come ordered
+by source, then by intervention, and a (source, do) pair that two entries both produce is
+written once.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ SPLITS = ("train", "test", "holdout")
 VALUE_MODES = ("all", "other", "random_other")
 # Rows built per chunk: bounds memory independently of the size of the set.
 CHUNK_ROWS = 262_144
-MAX_SAMPLES = 1_000_000  # a sanity bound; the query engine caps num_samples itself
+MAX_SAMPLES = 1_000_000
+_DO_CODES = int(np.prod([FACTOR_SIZES[f] + 1 for f in FACTORS]))  # distinct do vectors, null included  # a sanity bound; the query engine caps num_samples itself
 
 QUERY_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("kind", pa.string()), ("source_index", pa.int64()),
@@ -286,11 +289,17 @@ def _chunk_table(spec: dict, src: np.ndarray) -> pa.Table:
     parts = [_entry_rows(entry, e, src, classes, spec["seed"]) for e, entry in enumerate(spec["interventions"])]
     pos = np.concatenate([p for p, _ in parts])
     do = np.concatenate([d for _, d in parts])
-    entry_no = np.concatenate([np.full(len(p), e) for e, (p, _) in enumerate(parts)])
-    # Keep the first occurrence of each (source, do); order rows by source, then by entry.
-    _, first = np.unique(np.column_stack([pos, do]), axis=0, return_index=True)
-    keep = first[np.lexsort((first, entry_no[first], pos[first]))]
-    pos, do = pos[keep], do[keep]
+    if len(parts) > 1:
+        # Order rows by source, then by intervention, and drop repeats of a (source, do) that
+        # two entries both produced: one sort of a single int64 key per row.
+        code = np.zeros(len(pos), dtype=np.int64)
+        for i, name in enumerate(FACTORS):
+            code = code * (FACTOR_SIZES[name] + 1) + do[:, i] + 1
+        key = pos * _DO_CODES + code
+        order = np.argsort(key, kind="stable")
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = key[order[1:]] != key[order[:-1]]
+        pos, do = pos[order[first]], do[order[first]]
     source = src[pos]
 
     # query_id "<prefix><source>-do_<factor>=<class>...", built by Arrow's string kernels.
@@ -385,7 +394,7 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
         close()
         summary = {"num_queries": rows, "num_sources": num_sources, "files": files,
                    "queries_by_factor": per_factor, "spec": spec, "out": str(out_dir)}
-        (local / "_summary.json").write_text(json.dumps(summary, indent=2))
+        fs.write_text_atomic(local / "_summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -34,6 +34,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
 
     from cvae.engine import SUCCESS, run_query_job
     from cvae.evaluate import evaluate
+    from cvae.localray import init_ray
     from cvae.make_queries import make_queries
     from cvae.shards import MANIFEST, write_dataset
     from cvae.train import run_training
@@ -48,10 +49,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         print(f"\n== {name} " + "=" * (60 - len(name)), flush=True)
 
     if not ray.is_initialized():
-        ray.init(address=config.ray_address,
-                 num_cpus=config.num_cpus if config.ray_address is None else None,
-                 include_dashboard=False if config.ray_address is None else None,
-                 log_to_driver=True)
+        init_ray(config.ray_address, num_cpus=config.num_cpus, log_to_driver=True)
 
     data_dir = out / "data"
     stage("1/5 data")

@@ -415,14 +415,25 @@ class ImageSCM:
 
     @torch.no_grad()
     def _net(self, fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Apply a network on NET_CHUNK-row zero-padded chunks (row results independent of batching)."""
+        """Apply a network on NET_CHUNK-row chunks (row results independent of batching).
+
+        Every call sees exactly NET_CHUNK rows: full chunks are views of the input, only
+        the last one is zero-padded; outputs are written into preallocated tensors.
+        """
         n = len(tensors[0])
-        pad = (-n) % NET_CHUNK
-        padded = [torch.cat([t, t.new_zeros((pad,) + t.shape[1:])]) for t in tensors]
-        outs = [fn(*(t[i:i + NET_CHUNK] for t in padded)) for i in range(0, n + pad, NET_CHUNK)]
-        if isinstance(outs[0], tuple):
-            return [torch.cat(parts)[:n] for parts in zip(*outs)]
-        return [torch.cat(outs)[:n]]
+        outs: list[torch.Tensor] | None = None
+        for i in range(0, n, NET_CHUNK):
+            part = [t[i:i + NET_CHUNK] for t in tensors]
+            rows = len(part[0])
+            if rows < NET_CHUNK:
+                part = [torch.cat([t, t.new_zeros((NET_CHUNK - rows,) + t.shape[1:])]) for t in part]
+            result = fn(*part)
+            result = list(result) if isinstance(result, tuple) else [result]
+            if outs is None:
+                outs = [r.new_empty((n,) + r.shape[1:]) for r in result]
+            for out, r in zip(outs, result):
+                out[i:i + rows] = r[:rows]
+        return outs
 
     def pixel_probs(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """p = sigmoid(decoder(z, classes)) in float64, (m, 4096)."""
@@ -474,9 +485,10 @@ class ImageSCM:
         row keys. Rows must be valid (see cvae.queries).
         """
         m = len(kinds)
-        cf = np.flatnonzero(kinds == "counterfactual")
-        fwd = np.flatnonzero(kinds != "counterfactual")
-        factor_data: dict[int, dict] = {}  # row -> per-site conditioning
+        is_cf = kinds == "counterfactual"
+        # All rows of one kind (the usual bulk case): slices instead of gathers and scatters.
+        cf = slice(None) if is_cf.all() else np.flatnonzero(is_cf)
+        fwd = np.flatnonzero(~is_cf)
 
         # condition / intervene: the non-intervened factors from the exact (mutilated) posterior.
         known = np.zeros((m, len(FACTORS)), dtype=np.int64)
@@ -488,25 +500,25 @@ class ImageSCM:
 
         # counterfactual abduction: Gumbels exactly, z from q(z | x, y), U_x given the pixels.
         noise = {f: np.zeros((m, FACTOR_SIZES[f])) for f in FACTORS}
-        if len(cf):
+        if is_cf.any():
             for f, g in self.factors.abduct_gumbels(factual[cf], keys[cf]).items():
                 noise[f][cf] = g
-            x = torch.as_tensor(factual_images[cf], dtype=torch.float32)
+            images = torch.as_tensor(factual_images[cf])
             y = torch.as_tensor(factual[cf])
-            z = self._abduct_z(x, y, u_z[cf])
+            z = self._abduct_z(images.float(), y, u_z[cf])
             u_z[cf] = z
             p = self.pixel_probs(z, y).cpu()
             v = u_x[cf]
-            ones = torch.as_tensor(factual_images[cf] > 0)
             # x = 1 -> U = p v in (0, p); x = 0 -> U = p + (1 - p) v in [p, 1): the same p gives back
-            # x exactly (p v < p for every v the generator makes, as v <= 1 - 2^-54, and p > 0)
-            u_x[cf] = torch.where(ones, p * v, p + (1 - p) * v)
+            # x exactly (p v < p for every v the generator makes, as v <= 1 - 2^-54, and p > 0).
+            # Computed in place: these are (m, 4096) float64 arrays.
+            below = p * v
+            above = (1 - p).mul_(v).add_(p)
+            u_x[cf] = torch.where(images > 0, below, above)
 
         # Factors: one run of the factor model per intervention pattern (Pyro's do fixes a
         # site for every row of a run).
         classes = torch.zeros(m, len(FACTORS), dtype=torch.long)
-        is_cf = np.zeros(m, dtype=bool)
-        is_cf[cf] = True
         patterns, inverse = np.unique(np.concatenate([do >= 0, is_cf[:, None]], axis=1), axis=0,
                                       return_inverse=True)
         for p, pattern in enumerate(patterns):

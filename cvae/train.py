@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -209,6 +210,7 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
     name = f"checkpoint_epoch_{epoch:05d}"
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        _wait_until_committed()
         return
     meta = {
         "config": loop_config["config"], "manifest": loop_config["manifest"],
@@ -230,12 +232,27 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
                              checkpoint_dir_name=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    _wait_until_committed()
     _print_progress(record, config.train.epochs)
     if loop_config.get("progress_dir"):
         try:  # refresh the metrics and the loss curve as the run goes; never fatal
             write_metrics(Path(loop_config["progress_dir"]), history)
         except OSError as exc:
             print(f"(could not refresh metrics in {loop_config['progress_dir']}: {exc})", flush=True)
+
+
+def _wait_until_committed() -> None:
+    """Block until the controller has registered this report's checkpoint.
+
+    ray.train.report only queues the result on the worker; the controller picks it up
+    when it next polls. A worker that dies before then takes the report with it, and the
+    restart resumes from the checkpoint before (seen here: a SIGKILL three steps into
+    epoch 2 restarted from scratch). Waiting here bounds the loss to one epoch.
+    """
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def _print_progress(record: dict, epochs: int) -> None:
@@ -248,7 +265,9 @@ def _print_progress(record: dict, epochs: int) -> None:
     parts.append(f"{record['seconds']:.1f}s")
     if record["attempt"]:
         parts.append(f"(attempt {record['attempt'] + 1})")
-    print("  ".join(parts), flush=True)
+    # To the process's own stdout: Ray Train's patched print would also copy it into its
+    # logger, and the driver would show every line twice.
+    print("  ".join(parts), file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def _kill_once(marker: str) -> None:
@@ -307,43 +326,52 @@ def _score_key(metrics: dict) -> tuple[int, float, int]:
 def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
                  run_name: str | None = None) -> TrainingResult:
     """Train per `config.train` on the shards in `data_dir`; checkpoints go to
-    `out_dir/<run_name>/`, metrics and figures to `out_dir`. A run whose folder already
-    holds checkpoints continues from the latest one."""
+    `out_dir/<run_name>/`, metrics and figures to `out_dir` (a local path, or a pyarrow
+    filesystem URI with Ray workers). A run whose folder already holds checkpoints
+    continues from the latest one."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from cvae import fs
     from cvae.scm import FactorSCM
     from cvae.shards import read_manifest
 
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    data_dir = Path(data_dir).resolve()
+    remote = fs.is_uri(out_dir)
+    out = str(out_dir).rstrip("/") if remote else str(Path(out_dir).resolve())
     run_name = run_name or config.name
     manifest = read_manifest(data_dir)
     train = config.train
     local_mode = train.num_workers == 0
-    run_dir = out_dir / run_name
+    if local_mode and remote:
+        raise ConfigError(f"train.num_workers: 0 (local mode) writes checkpoints to a local "
+                          f"folder; {out_dir!r} is a URI")
+    run_dir = fs.join(out, run_name)
     loop_config = {
         "config": config.to_dict(), "data_dir": str(data_dir), "manifest": manifest,
         "manifest_counts": _split_counts(manifest),
         "scm": FactorSCM.from_config(config.scm, data_dir).to_dict(),
-        "local_mode": local_mode, "run_dir": str(run_dir), "run_name": run_name,
-        "progress_dir": str(out_dir),
+        "local_mode": local_mode, "run_dir": run_dir, "run_name": run_name,
+        # Per-epoch metrics and curve, refreshed by rank 0 (a local folder only).
+        "progress_dir": None if remote else out,
     }
     if loop_config["manifest_counts"].get("train", 0) == 0:
         raise ConfigError(f"{data_dir}: the manifest lists no training rows")
     kill_at = os.environ.get(KILL_ENV)
     if kill_at:
-        if local_mode:
-            raise ConfigError(f"{KILL_ENV} needs Ray Train workers (train.num_workers >= 1)")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if local_mode or remote:
+            raise ConfigError(f"{KILL_ENV} needs Ray Train workers and a local output folder")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         loop_config["kill_at"] = {"where": _parse_kill_at(kill_at),
-                                  "marker": str(run_dir / f".killed-{kill_at.replace(':', '-')}")}
+                                  "marker": str(Path(run_dir) / f".killed-{kill_at.replace(':', '-')}")}
 
-    if not local_mode and not ray.is_initialized():
-        ray.init(address=config.ray_address,
-                 num_cpus=config.num_cpus if config.ray_address is None else None)
     if local_mode:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    elif not ray.is_initialized():
+        from cvae.localray import init_ray  # token auth, loopback only, for a local Ray
+
+        init_ray(config.ray_address, num_cpus=config.num_cpus)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -352,7 +380,7 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
             resources_per_worker=None if local_mode else {"CPU": train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(out_dir),
+            name=run_name, storage_path=out,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             # Ray keeps the latest checkpoint besides the best ones, so a rerun resumes.
             checkpoint_config=ray.train.CheckpointConfig(
@@ -362,20 +390,34 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     )
     result = trainer.fit()
 
+    # The kept checkpoints, each with its JSON: in local mode from the run folder, else
+    # the ones Ray Train kept (the best few by test loss, and the latest).
     if local_mode:
-        kept = _local_checkpoints(run_dir)
+        kept = [(ray.train.Checkpoint.from_directory(str(p)), meta)
+                for p, meta in _local_checkpoints(Path(run_dir))]
     else:
-        kept = [(Path(c.path), load_meta(c.path)) for c, _ in (result.best_checkpoints or [])]
-        if result.checkpoint is not None and all(p != Path(result.checkpoint.path) for p, _ in kept):
-            kept.append((Path(result.checkpoint.path), load_meta(result.checkpoint.path)))
+        kept = []
+        for checkpoint in [c for c, _ in result.best_checkpoints or []] + [result.checkpoint]:
+            if checkpoint is not None and all(checkpoint.path != c.path for c, _ in kept):
+                with checkpoint.as_directory() as directory:
+                    kept.append((checkpoint, load_meta(directory)))
     if not kept:
         raise RuntimeError(f"training under {run_dir} produced no checkpoint")
-    latest, latest_meta = max(kept, key=lambda pm: pm[1]["epoch"])
-    best = min(kept, key=lambda pm: _score_key(pm[1]["metrics"]))[0]
+    latest, latest_meta = max(kept, key=lambda cm: cm[1]["epoch"])
+    best = min(kept, key=lambda cm: _score_key(cm[1]["metrics"]))[0]
     history = latest_meta["history"]
-    files = write_metrics(out_dir, history)
-    files["reconstructions"] = str(save_reconstructions(best, data_dir, out_dir / RECON_PNG))
-    return TrainingResult(str(run_dir), str(best), str(latest), history, files)
+    with fs.local_output(out) as local_out:
+        files = write_metrics(local_out, history)
+        with best.as_directory() as directory:
+            save_reconstructions(directory, data_dir, local_out / RECON_PNG)
+        files["reconstructions"] = str(local_out / RECON_PNG)
+    if remote:
+        files = {k: fs.join(out, Path(v).name) for k, v in files.items()}
+
+    def where(checkpoint) -> str:
+        return fs.join(run_dir, Path(checkpoint.path).name) if remote else checkpoint.path
+
+    return TrainingResult(run_dir, where(best), where(latest), history, files)
 
 
 def _split_counts(manifest: dict) -> dict[str, int]:

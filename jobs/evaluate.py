@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--data", default=None, help="dataset folder (for its manifest)")
     parser.add_argument("--figures-per-factor", type=int, default=8)
-    parser.add_argument("--reversibility-samples", type=int, default=512)
+    parser.add_argument("--reversibility-samples", type=int, default=256,
+                        help="reversal queries per intervened-factor group")
     parser.add_argument("--max-samples", type=int, default=64)
     args = parser.parse_args(argv)
     if args.figures_per_factor < 0 or args.reversibility_samples < 0 or args.max_samples < 1:

@@ -1,14 +1,15 @@
 """Write dSprites as sharded HDF5: `python -m jobs.prepare_data --config CONFIG [--out DIR]`.
 
-The data go to DIR (default: <config.out>/data): manifest.json plus the shards.
+The data go to DIR (default: <config.out>/data), a local path or a URI (file://, s3://,
+gs://): manifest.json plus the shards.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from cvae import fs
 from cvae.config import ConfigError, load_config
 from cvae.errors import DataError
 from cvae.shards import write_dataset
@@ -21,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-        if args.out is None and "://" in config.out:
-            raise ConfigError(f"config.out: {config.out!r} is remote; prepare_data writes to a "
-                              f"local directory, give one with --out")
-        out = Path(args.out) if args.out else Path(config.out) / "data"
+        out = args.out or fs.join(config.out, "data")
         print(f"prepare_data: {config.data.generator} -> {out}", flush=True)
         start = time.perf_counter()
 
@@ -32,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{done}/{total}] {entry['file']}: {entry['rows']} rows "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
 
-        manifest = write_dataset(config, out, progress=progress)
+        # A URI is written locally first and uploaded once complete (manifest last).
+        with fs.local_output(out) as local:
+            manifest = write_dataset(config, local, progress=progress)
     except (ConfigError, DataError) as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 2
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
     size = sum(e["bytes"] for e in manifest["shards"]) / 2**20
     print(f"prepare_data: {manifest['grid']['rows']} rows ({counts}) in {seconds:.1f} s: "
-          f"{manifest['num_shards']} shards, {size:.1f} MiB, {out / 'manifest.json'}")
+          f"{manifest['num_shards']} shards, {size:.1f} MiB, {fs.join(out, 'manifest.json')}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Answer a Parquet file (or folder) of queries with the SCM held by a Ray actor pool.
 
     python -m jobs.query --checkpoint DIR --queries PATH --out DIR [--actors N] [--batch-size N]
-                         [--config CONFIG] [--address ADDR]
+                         [--cpus-per-actor N] [--config CONFIG] [--address ADDR]
+
+DIR and PATH may be local paths or URIs that pyarrow's filesystems handle (file://, s3://, gs://).
 
 Flags override the config's `query` section. A whole-input problem (a missing or mistyped
 column, a missing checkpoint) prints one clear line and exits with status 2.
@@ -15,17 +17,19 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    parser.add_argument("--queries", required=True, help="a Parquet file or a folder of them")
-    parser.add_argument("--out", required=True, help="output folder (results/, errors/, _SUCCESS.json)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (path or URI)")
+    parser.add_argument("--queries", required=True, help="a Parquet file or a folder of them (path or URI)")
+    parser.add_argument("--out", required=True, help="output folder (results/, errors/, _SUCCESS.json; path or URI)")
     parser.add_argument("--config", help="YAML config; its `query` section gives the defaults")
     parser.add_argument("--actors", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--gpus-per-actor", type=float)
+    parser.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor")
     parser.add_argument("--address", help="Ray address (default: the config's ray_address, else local)")
     args = parser.parse_args(argv)
 
     from cvae.checkpoint import CheckpointError
+    from cvae.engine import OutputLocationError
     from cvae.config import Config, ConfigError, load_config
     from cvae.queries import QuerySchemaError
     from cvae.scm import ScmError
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config) if args.config else Config()
         query = config.query
-        for flag, key in (("actors", "actors"), ("batch_size", "batch_size"), ("gpus_per_actor", "gpus_per_actor")):
+        for flag, key in (("actors", "actors"), ("batch_size", "batch_size"), ("gpus_per_actor", "gpus_per_actor"),
+                          ("cpus_per_actor", "cpus_per_actor")):
             value = getattr(args, flag)
             if value is not None:
                 setattr(query, key, value)
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=query.batch_size, gpus_per_actor=query.gpus_per_actor,
                                 cpus_per_actor=query.cpus_per_actor, max_samples=query.max_samples,
                                 ray_address=args.address or config.ray_address, num_cpus=config.num_cpus)
-    except (QuerySchemaError, CheckpointError, ConfigError, ScmError, FileNotFoundError) as exc:
+    except (QuerySchemaError, CheckpointError, OutputLocationError, ConfigError, ScmError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -228,3 +228,103 @@ def test_token_auth_head_runs_a_job_and_refuses_others(token_head, tmp_path):
 
     # The refused submissions left no trace: ours is the only job the head knows.
     assert [j.submission_id for j in client.list_jobs()] == [job_id]
+
+
+LOCAL_DRIVER = """
+import json, os, sys
+import ray.data  # imported first, as a job's modules do
+from cvae.localray import init_ray
+from ray._private.authentication.authentication_utils import is_token_auth_enabled
+from test_cluster import _listening, _pids_with_marker
+import ray
+
+ctx = init_ray(num_cpus=1, log_to_driver=False)
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+pids = _pids_with_marker(("CVAE_TEST_LOCAL=" + os.environ["CVAE_TEST_LOCAL"]).encode()) + [os.getpid()]
+print(json.dumps({"token": is_token_auth_enabled(), "gcs": ctx.address_info["gcs_address"],
+                  "listening": _listening(pids)}), flush=True)
+sys.stdin.readline()  # hold the cluster until the test has tried to get in
+ray.shutdown()
+"""
+
+INTRUDER = """
+import ray
+ray.init(address="{gcs}")
+print("CONNECTED")
+"""
+
+
+@pytest.mark.slow
+def test_local_ray_uses_token_auth_on_loopback_and_writes_no_token_file(tmp_path):
+    """cvae.localray.init_ray, as jobs start their in-process Ray."""
+    home = tmp_path / "home"
+    home.mkdir()
+    marker = f"CVAE_TEST_LOCAL={tmp_path.name}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(HOME=str(home), PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
+    driver = subprocess.Popen([sys.executable, "-c", LOCAL_DRIVER], cwd=tmp_path, text=True,
+                              env={**base, "CVAE_TEST_LOCAL": tmp_path.name},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = driver.stdout.readline()
+        assert line, f"the driver failed:\n{driver.stderr.read()}"
+        info = json.loads(line)
+        assert info["token"] is True
+        assert info["listening"], "found no listening sockets"
+        assert all(addr in LOOPBACK for addr, _ in info["listening"]), info["listening"]
+        assert info["gcs"].startswith("127.0.0.1:")
+        # Another process without the token, or with a wrong one, is turned away by the GCS.
+        # (It must skip Ray's loopback-to-machine-address rewrite to reach the GCS at all.)
+        for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64}):
+            intruder = subprocess.run([sys.executable, "-c", INTRUDER.format(gcs=info["gcs"])],
+                                      env={**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **extra},
+                                      cwd=tmp_path, capture_output=True, text=True, timeout=180)
+            assert "CONNECTED" not in intruder.stdout
+            assert "InvalidAuthToken" in intruder.stderr, intruder.stderr[-2000:]
+    finally:
+        if driver.poll() is None:
+            driver.stdin.write("\n")
+            driver.stdin.flush()
+            try:
+                driver.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                driver.kill()
+        _kill_marked(marker.encode())
+    assert not list(home.iterdir()), f"wrote into HOME: {list(home.rglob('*'))}"
+
+
+def test_cluster_configs_turn_on_token_auth_and_open_no_port():
+    """cluster/: the launcher YAML passes Ray's own schema; every Ray start is in token mode
+    with the dashboard on the head's loopback; no token is written into the files; the
+    RayJob uses token auth from a Secret behind a ClusterIP Service, with no Ingress."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    launcher = yaml.safe_load((REPO / "cluster" / "cluster.yaml").read_text())
+    validate_config(prepare_config(launcher))
+    head = " ".join(launcher["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head and "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token ray start --address" in " ".join(launcher["worker_start_ray_commands"])
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "security_group" not in launcher["provider"]  # the launcher's default: SSH + intra-cluster
+
+    docs = list(yaml.safe_load_all((REPO / "cluster" / "rayjob.yaml").read_text()))
+    kinds = [d["kind"] for d in docs]
+    assert "Ingress" not in kinds and "Service" not in kinds and "Secret" not in kinds
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token", "secretName": "cvae-ray-token"}
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == "1"
+    assert "python -m jobs.pipeline" in job["spec"]["entrypoint"]
+
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    from ray.runtime_env import RuntimeEnv
+
+    assert RuntimeEnv(**runtime_env)["working_dir"] == "."
+    assert ".venv/" in runtime_env["excludes"]
+    for path in (REPO / "cluster").iterdir():  # no token or key committed with the configs
+        text = path.read_text()
+        assert "RAY_AUTH_TOKEN=" not in text.replace("RAY_AUTH_TOKEN=$(", "")
+        assert not any(len(w) == 64 and all(c in "0123456789abcdef" for c in w) for w in text.split())

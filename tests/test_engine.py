@@ -195,3 +195,26 @@ def test_killing_the_job_then_rerunning_gives_exactly_the_output(ray_session, ch
         assert counts == dict(valid)
         assert errors.num_rows == big.num_rows - len(valid)
         assert not list(out.glob("_staging-*"))
+
+
+def test_file_uris_for_checkpoint_queries_and_output(ray_session, checkpoint, expected, tmp_path):
+    """All three locations as file:// URIs: read, staged and written through pyarrow's filesystem."""
+    want_results, want_errors = expected
+    folder = write_split(queries(60, bad_every=7), tmp_path / "in", 2, seed=4)
+    out_uri = (tmp_path / "out").as_uri()
+    summary = run_query_job(Path(checkpoint).as_uri(), folder.as_uri(), out_uri, actors=1, batch_size=16,
+                            max_samples=8)
+    assert summary["out"] == out_uri and summary["result_rows"] == want_results.num_rows
+    for location in (out_uri, tmp_path / "out"):  # the same committed output by URI or by path
+        results, errors = read_output(location)
+        assert results.sort_by(KEY).equals(want_results.sort_by(KEY))
+        assert errors.sort_by("query_id").equals(want_errors.sort_by("query_id"))
+    assert (tmp_path / "out" / SUCCESS).is_file() and not list((tmp_path / "out").glob("_staging-*"))
+    # A second run into the same URI replaces the output (no duplicates), a missing URI fails early.
+    run_query_job(Path(checkpoint).as_uri(), folder.as_uri(), out_uri, actors=1, batch_size=16, max_samples=8)
+    assert read_output(out_uri)[0].num_rows == want_results.num_rows
+    with pytest.raises(QuerySchemaError, match="no such file or folder"):
+        run_query_job(checkpoint, (tmp_path / "nowhere").as_uri(), out_uri)
+    from cvae.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        run_query_job((tmp_path / "nowhere").as_uri(), folder.as_uri(), out_uri)

@@ -17,7 +17,8 @@ from cvae.grid import FACTORS, classes_to_index, index_to_classes
 from cvae.groundtruth import GroundTruth
 from cvae.images import decode_image, encode_pngs
 from cvae.make_queries import make_queries
-from cvae.queries import RESULT_SCHEMA
+from cvae.queries import RESULT_SCHEMA, answer_queries
+from cvae.scm import ImageSCM, seed_from_query_id
 from jobs import evaluate as job
 from scm_fixtures import make_checkpoint
 
@@ -117,9 +118,37 @@ def test_right_answers_score_one_and_wrong_answers_do_not(tmp_path):
     assert set(right["by_factor"]) == {"shape", "scale", "pos_x", "shape+scale"}
     assert right["by_factor"]["pos_x"]["count"] == 4 * 31
     assert o["composition"] == {"count": 5, "exact": 1.0, "pixel_error": 0.0}
-    # reversibility ran on a sample of the real interventions, through the SCM
-    assert o["reversibility"]["count"] == 10
-    assert 0.0 <= o["reversibility"]["exact"] <= 1.0 and 0.0 < o["reversibility"]["iou"] <= 1.0
+    # Reversibility: per group, the 10 real interventions with the smallest hash of
+    # "reverse:<query_id>:<sample>", each observed (answer image and counterfactual factors)
+    # and done back to the factual values by the checkpoint's SCM; recomputed here with
+    # answer_queries directly.
+    cf = np.where(do >= 0, do, src)
+    ids = [f"reverse:{q}:0" for q in queries["query_id"].to_pylist()]
+    group = np.array(["+".join(f for j, f in enumerate(FACTORS) if do[i, j] >= 0) for i in range(n)])
+    first = []
+    for name in sorted(set(group)):
+        rows = [i for i in np.flatnonzero((group == name) & ~null)]
+        first += sorted(rows, key=lambda i: seed_from_query_id(ids[i]))[:10]
+    first = np.array(first)
+    assert o["reversibility"]["count"] == len(first) == 10 + 8 + 4 + 3  # pos_x, shape, scale, joint
+    back_do = np.where(do[first] >= 0, src[first], -1)
+    reversal = pa.table({
+        "query_id": [ids[i] for i in first],  # the same ids, so the same seeds
+        "kind": ["counterfactual"] * len(first),
+        "image": pa.array(encode_pngs(_truth(cf[first])), pa.binary()),
+        **{f: pa.array(cf[first, j]) for j, f in enumerate(FACTORS)},
+        **{f"do_{f}": pa.array(back_do[:, j], mask=back_do[:, j] < 0) for j, f in enumerate(FACTORS)},
+    })
+    answered, refused = answer_queries(ImageSCM.from_checkpoint(ckpt), reversal)
+    assert refused.num_rows == 0
+    order = {q: k for k, q in enumerate(answered["query_id"].to_pylist())}
+    back = np.stack([decode_image(answered["image"][order[ids[i]]].as_py()) for i in first])
+    want = _truth(src[first])
+    assert o["reversibility"]["iou"] == pytest.approx(iou(back, want).mean(), abs=1e-6)
+    exact = (back.reshape(len(first), -1) == want.reshape(len(first), -1)).all(1).mean()
+    assert o["reversibility"]["exact"] == pytest.approx(exact, abs=1e-6)
+    assert right["by_factor"]["shape"]["reversibility"]["count"] == 8
+    assert right["reversal_queries_refused"]["count"] == 0
 
     # Wrong: every answer is the factual image (the intervention had no effect).
     _results(queries, tmp_path / "wrong", lambda factual, cf, do: _truth(factual))
@@ -223,7 +252,7 @@ def test_engine_answers_evaluated_through_uris(tmp_path, ray_session, capsys):
     # The SCM's abduction is exact, so a null intervention returns the factual image exactly
     # even with random weights (30 sources x 2 samples with do(shape) = their own shape).
     assert report["overall"]["composition"] == {"count": 60, "exact": 1.0, "pixel_error": 0.0}
-    assert report["overall"]["reversibility"]["count"] == 16
+    assert report["overall"]["reversibility"]["count"] == 16 + 16  # per group: shape, pos_y
     # The reported IoU is the IoU of the engine's images against the renderer's.
     cf = np.stack([results[f].to_numpy() for f in FACTORS], 1)
     images = np.stack([decode_image(b) for b in results["image"].to_pylist()])

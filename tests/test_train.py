@@ -76,41 +76,41 @@ def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
     assert [(r["epoch"], r["attempt"]) for r in again.history] == [(1, 0), (2, 0), (3, 0), (4, 1)]
 
 
-def test_two_workers_train_and_a_rerun_resumes(ray_session, tiny_data, tmp_path):
-    first = run_training(tiny_config(num_workers=2, epochs=1), tiny_data, tmp_path, run_name="two")
-    assert [r["workers"] for r in first.history] == [2]
-    train_rows = json.loads((tiny_data / "manifest.json").read_text())["counts"]["train"]
-    # Each worker reads its own shards; together they cover the train split exactly once.
-    assert first.history[0]["train_images"] == train_rows
-    check_checkpoint(first.latest_checkpoint, 1)
-
-    # The same run name and storage path: Ray Train reloads its snapshot and hands the
-    # latest checkpoint to the workers, which continue at epoch 2 with the optimizer state.
-    second = run_training(tiny_config(num_workers=2, epochs=2), tiny_data, tmp_path, run_name="two")
-    assert [(r["epoch"], r["attempt"]) for r in second.history] == [(1, 0), (2, 1)]
-    assert second.history[1]["train_loss"] < second.history[0]["train_loss"]
-    model = check_checkpoint(second.latest_checkpoint, 2)
-    test = load_split(tiny_data, "test", limit=64)
-    assert reconstruction_nats(model, test) < reconstruction_nats(SupervisedVAE(**model.spec()), test)
-
-
-def test_sigkilled_worker_mid_epoch_resumes_from_the_latest_checkpoint(
+def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
         ray_session, tiny_data, tmp_path, monkeypatch):
-    # Worker rank 1 SIGKILLs itself at step 3 of epoch 2 (of 3): mid-epoch, after the
-    # epoch-1 checkpoint. FailureConfig(max_failures=2) restarts the worker group.
+    # Worker rank 1 SIGKILLs itself at step 3 of epoch 2: mid-epoch, after the epoch-1
+    # checkpoint. FailureConfig(max_failures=2) restarts the worker group, which resumes
+    # from the latest checkpoint that Ray Train hands to the workers.
     monkeypatch.setenv(KILL_ENV, "2:3:1")
-    result = run_training(tiny_config(num_workers=2, epochs=3, max_failures=2),
-                          tiny_data, tmp_path, run_name="killed")
-
+    result = run_training(tiny_config(num_workers=2, epochs=2, max_failures=2),
+                          tiny_data, tmp_path, run_name="two")
     marker = Path(result.run_dir) / ".killed-2-3-1"
     assert marker.is_file() and int(marker.read_text()) > 0  # the kill really happened
-    history = result.history
-    # Every epoch exactly once; epoch 1 survived from the first attempt, and the restart
+    # Every epoch exactly once; epoch 1 survived from the first attempt and the restart
     # began at the interrupted epoch 2: less than one epoch of work was lost.
-    assert [(r["epoch"], r["attempt"]) for r in history] == [(1, 0), (2, 1), (3, 1)]
-    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"]) for r in history)
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-    check_checkpoint(result.latest_checkpoint, 3)
+    assert [(r["epoch"], r["attempt"]) for r in result.history] == [(1, 0), (2, 1)]
+    assert all(r["workers"] == 2 for r in result.history)
+    train_rows = json.loads((tiny_data / "manifest.json").read_text())["counts"]["train"]
+    # Each worker reads its own shards; together they cover the train split once an epoch.
+    assert all(r["train_images"] == train_rows for r in result.history)
+    assert all(np.isfinite(r["test_loss"]) for r in result.history)
+    check_checkpoint(result.latest_checkpoint, 2)
+
+    # A rerun with the same run name and storage path: Ray Train reloads its snapshot and
+    # hands the latest checkpoint to the workers, which continue at epoch 3 with the
+    # optimizer state. (The marker stops the kill from firing again.) This time the
+    # output folder is given as a file:// URI: the same storage, through pyarrow.
+    monkeypatch.delenv(KILL_ENV)
+    again = run_training(tiny_config(num_workers=2, epochs=3), tiny_data, f"file://{tmp_path}",
+                         run_name="two")
+    assert [(r["epoch"], r["attempt"]) for r in again.history] == [(1, 0), (2, 1), (3, 2)]
+    assert again.history[-1]["train_loss"] < again.history[0]["train_loss"]
+    assert again.latest_checkpoint == f"file://{tmp_path}/two/checkpoint_epoch_00003"
+    assert again.files["reconstructions"] == f"file://{tmp_path}/reconstructions.png"
+    model = check_checkpoint(str(tmp_path / "two" / "checkpoint_epoch_00003"), 3)
+    test = load_split(tiny_data, "test", limit=64)
+    torch.manual_seed(123)
+    assert reconstruction_nats(model, test) < reconstruction_nats(SupervisedVAE(**model.spec()), test)
 
 
 def test_job_reports_bad_input_without_a_traceback(tmp_path, capsys):

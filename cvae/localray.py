@@ -1,0 +1,59 @@
+"""Ray for jobs and tests: connect to a cluster, or start a local Ray that lets nobody in.
+
+A local Ray started here
+- uses Ray's token authentication (RAY_AUTH_MODE=token), with a fresh random token held
+  only in this process's environment (and so in the Ray processes it starts): nothing is
+  written to ~/.ray/auth_token, which `ray.init()` of Ray 2.60 would otherwise create;
+- binds every port to 127.0.0.1: on Linux Ray replaces a loopback node address by the
+  machine's own address unless multi-machine clusters are switched off
+  (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the laptop setting);
+- starts no dashboard, so no Jobs API port at all.
+Inside a submitted job (RAY_ADDRESS is set) or with an explicit address, it connects
+instead, and the cluster's own token settings apply.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from typing import Any, MutableMapping, Optional
+
+AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# ray.init arguments that only make sense when starting Ray; connecting with them is an error.
+START_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard",
+              "dashboard_host", "dashboard_port")
+
+
+def secure_local_env(env: MutableMapping[str, str] = os.environ) -> MutableMapping[str, str]:
+    """Set the variables above in `env` (an explicit RAY_AUTH_MODE of the user is kept)."""
+    env.setdefault("RAY_AUTH_MODE", "token")
+    if env["RAY_AUTH_MODE"] == "token" and not any(env.get(k) for k in AUTH_ENV):
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def init_ray(address: Optional[str] = None, **kwargs: Any):
+    """ray.init for a job: connect to `address` or RAY_ADDRESS, else start a secured local Ray.
+
+    kwargs go to ray.init (num_cpus, log_to_driver, ...); those that only apply to starting
+    a Ray (START_ONLY) are dropped when connecting. Returns ray.init's context.
+    """
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        return ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in START_ONLY})
+    already_imported = "ray" in sys.modules
+    secure_local_env()
+    import ray
+
+    if already_imported:
+        # Ray read these settings when it was imported: refresh them the way Ray itself
+        # does when it turns token auth on (authentication_token_setup._enable_token_auth).
+        from ray._private import ray_constants
+        from ray._raylet import Config
+
+        Config.initialize("")
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    kwargs.setdefault("include_dashboard", False)
+    return ray.init(**kwargs)

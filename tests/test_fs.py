@@ -1,0 +1,99 @@
+"""Paths and URIs through pyarrow's filesystems, tested with file:// URIs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from cvae import fs
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.bin").write_bytes(bytes(range(256)) * 10)
+    return src
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resolve_paths_and_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local, path = fs.resolve("rel/dir")
+    assert isinstance(local, pafs.LocalFileSystem) and path == str(tmp_path / "rel" / "dir")
+    uri_fs, uri_path = fs.resolve(f"file://{tmp_path}/x")
+    assert isinstance(uri_fs, pafs.LocalFileSystem) and uri_path == f"{tmp_path}/x"
+    with pytest.raises(ValueError, match=r"cannot open 'nosuch://bucket/x' as a pyarrow filesystem URI"):
+        fs.resolve("nosuch://bucket/x")
+    assert fs.is_uri("s3://b/k") and fs.is_uri("file:///x") and not fs.is_uri("/x") and not fs.is_uri("x")
+    assert fs.join("s3://bucket/runs/", "a", "/b.parquet") == "s3://bucket/runs/a/b.parquet"
+    assert fs.join("/data", "a", "b") == "/data/a/b"
+
+
+def test_staged_uri_directory_is_a_copy_removed_afterwards(tree):
+    with fs.staged(f"file://{tree}") as local:
+        assert local != tree and local.name == "src"
+        assert _files(local) == _files(tree)
+        (local / "a.txt").write_text("changed")  # the copy is private
+    assert not local.exists() and (tree / "a.txt").read_text() == "alpha"
+
+
+def test_staged_subset_and_single_file(tree):
+    with fs.staged(f"file://{tree}", only=["sub/b.bin"]) as local:
+        assert _files(local) == {"sub/b.bin": (tree / "sub" / "b.bin").read_bytes()}
+    with fs.staged(f"file://{tree}/a.txt") as local:
+        assert local.is_file() and local.read_text() == "alpha"
+    assert not local.exists()
+
+
+def test_staged_local_path_is_used_in_place(tree):
+    with fs.staged(tree) as local:
+        assert local == tree
+    assert tree.exists()
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        with fs.staged(tree / "missing"):
+            pass
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        with fs.staged(f"file://{tree}/missing"):
+            pass
+
+
+def test_local_output_uploads_on_success_only(tmp_path, tree):
+    dest = tmp_path / "out" / "run"
+    with fs.local_output(f"file://{dest}") as local:
+        assert local != dest
+        (local / "report.json").write_text("{}")
+        (local / "figures").mkdir()
+        (local / "figures" / "f.png").write_bytes(b"png")
+    assert _files(dest) == {"figures/f.png": b"png", "report.json": b"{}"}
+    assert not local.exists()
+
+    failed = tmp_path / "out" / "failed"
+    with pytest.raises(RuntimeError):
+        with fs.local_output(f"file://{failed}") as local:
+            (local / "half.json").write_text("{")
+            raise RuntimeError("job died")
+    assert not failed.exists() and not local.exists()
+
+    plain = tmp_path / "plain"
+    with fs.local_output(plain) as local:
+        assert local == plain and plain.is_dir()
+
+
+def test_upload_copy_and_read(tmp_path, tree):
+    fs.upload(tree, f"file://{tmp_path}/copy")
+    assert _files(tmp_path / "copy") == _files(tree)
+    fs.upload(tree / "a.txt", f"file://{tmp_path}/deep/er/a.txt")
+    assert fs.read_bytes(f"file://{tmp_path}/deep/er/a.txt") == b"alpha"
+    assert fs.exists(f"file://{tmp_path}/copy/sub") and not fs.exists(f"file://{tmp_path}/nope")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        fs.read_bytes(f"file://{tmp_path}/nope")
+    with pytest.raises(FileNotFoundError, match="nothing to upload"):
+        fs.upload(tmp_path / "nope", f"file://{tmp_path}/x")
+    fs.copy_to_local(f"file://{tree}", tmp_path / "back")
+    assert _files(tmp_path / "back") == _files(tree)
