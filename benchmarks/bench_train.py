@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--config configs/bench.yaml] [--data DIR] [--steps 40]
     python benchmarks/bench_train.py --quality [--archs mlp,conv] [--epochs N]   # the long run
 
-Speed (default): with the config's model, batch size and threads per worker,
+Speed (default): for each of --archs, with the config's batch size and threads per worker,
   1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s;
   2. the same training through Ray Train (TorchTrainer, 1 worker, then N workers),
      images/s per worker, in the same run, with the plain loop timed before and after;
@@ -103,10 +103,13 @@ def _override(config: Config, overrides: dict) -> Config:
 
 
 def speed(config: Config, data_dir: Path, out: Path, steps: int) -> None:
+    import ray
+
     from cvae.localray import init_ray
 
-    init_ray(config.ray_address, num_cpus=max(2, config.train.num_workers * config.train.cpus_per_worker),
-             log_to_driver=False)
+    if not ray.is_initialized():
+        init_ray(config.ray_address, log_to_driver=False,
+                 num_cpus=max(2, config.train.num_workers * config.train.cpus_per_worker))
     t = config.train
     print(f"\nmodel {config.model.arch} (z {config.model.z_dim}, hidden {config.model.hidden}), "
           f"batch {t.batch_size}, {t.threads_per_worker} thread(s) per worker, {steps} timed steps",
@@ -175,7 +178,8 @@ def main() -> None:
     if args.quality:
         quality(config, data_dir, out, args.archs.split(","))
     else:
-        speed(config, data_dir, out / "speed", args.steps)
+        for arch in args.archs.split(","):
+            speed(_override(config, {"model.arch": arch}), data_dir, out / "speed", args.steps)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,10 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     if not ray.is_initialized():
         init_ray(ray_address, num_cpus=num_cpus)
     ds = ray.data.read_parquet(files, filesystem=fs)
+    # A read task emits blocks of up to 128 MiB: a file of small query rows arrives as one
+    # block, and one block feeds one actor. Streaming re-blocking into batch-sized blocks
+    # spreads the work over every actor of the pool.
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     ds = ds.map_batches(
         QueryActor,
         fn_constructor_kwargs={"checkpoint": checkpoint, "max_samples": max_samples,
