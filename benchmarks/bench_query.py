@@ -179,7 +179,7 @@ def main() -> None:
     for n in (args.small, args.queries):
         write_queries(work / f"q{n}.parquet", n, row_group=args.batch_size)
     run_query_job(ckpt, work / f"q{args.small}.parquet", work / "warm", actors=1, batch_size=args.batch_size)
-    for layout in args.layouts.split(","):
+    for layout in [x for x in args.layouts.split(",") if x]:
         actors, cpus = (int(x) for x in layout.split("x"))
         name = f"end_to_end_{actors}x{cpus}"
 

@@ -205,13 +205,18 @@ class Config:
                               f"data.num_shards >= {self.train.num_workers}, got {self.data.num_shards}")
         # An in-process Ray with fewer CPUs than the workers or actors ask for would wait forever.
         if self.ray_address is None and self.num_cpus is not None:
-            wanted = {"train.num_workers x train.cpus_per_worker":
-                      self.train.num_workers * self.train.cpus_per_worker,
-                      "query.actors x query.cpus_per_actor": self.query.actors * self.query.cpus_per_actor}
-            for what, cpus in wanted.items():
-                if cpus > self.num_cpus:
-                    raise ConfigError(f"{where}.num_cpus: {self.num_cpus} CPUs cannot hold {what} "
-                                      f"= {cpus:g} CPUs")
+            train_cpus = self.train.num_workers * self.train.cpus_per_worker
+            if train_cpus > self.num_cpus:
+                raise ConfigError(f"{where}.num_cpus: {self.num_cpus} CPUs cannot hold "
+                                  f"train.num_workers x train.cpus_per_worker = {train_cpus:g} CPUs")
+            # The query actors must leave a CPU for Ray Data's read and write tasks, or the
+            # pipeline waits forever with every CPU held by idle actors.
+            query_cpus = self.query.actors * self.query.cpus_per_actor
+            if query_cpus > self.num_cpus - 1:
+                raise ConfigError(f"{where}.num_cpus: {self.num_cpus} CPUs cannot hold "
+                                  f"query.actors x query.cpus_per_actor = {query_cpus:g} CPUs plus one "
+                                  f"for reading and writing (Ray's CPUs are logical: more than the "
+                                  f"cores is fine)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

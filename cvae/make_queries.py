@@ -11,6 +11,7 @@ A spec (YAML or a dict) names the sources, the interventions and the samples:
       - {factor: shape, values: other}         # every other shape
       - {factor: scale, values: all}           # all values, the factual one included (null do)
       - {factor: pos_x, values: random_other}  # one random other value per source
+      - {factor: scale, values: factual}       # the null intervention (do = the factual value)
       - {factor: orientation, values: [0, 10]} # given values
       - {do: {shape: 2, scale: 5}}             # a joint intervention
     samples: 1                     # num_samples per query
@@ -43,7 +44,7 @@ from cvae import fs
 from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes
 
 SPLITS = ("train", "test", "holdout")
-VALUE_MODES = ("all", "other", "random_other")
+VALUE_MODES = ("all", "other", "random_other", "factual")
 # Rows built per chunk: bounds memory independently of the size of the set.
 CHUNK_ROWS = 262_144
 MAX_SAMPLES = 1_000_000
@@ -164,7 +165,7 @@ def _validate_entry(entry: Any, where: str) -> dict:
     if isinstance(values, str):
         if values not in VALUE_MODES:
             raise SpecError(f"{where}.values: must be one of {', '.join(VALUE_MODES)} or classes, got {values!r}")
-        if values != "all" and top == 0:
+        if values in ("other", "random_other") and top == 0:
             raise SpecError(f"{where}.values: {factor} has a single class, so no other value")
     elif isinstance(values, list) and values:
         for v in values:
@@ -173,7 +174,7 @@ def _validate_entry(entry: Any, where: str) -> dict:
     elif isinstance(values, int) and not isinstance(values, bool):
         values = [_int(values, f"{where}.values", minimum=0, maximum=top)]
     else:
-        raise SpecError(f"{where}.values: must be all, other, random_other, a class or a list of classes")
+        raise SpecError(f"{where}.values: must be all, other, random_other, factual, a class or a list of classes")
     return {"factor": factor, "values": values}
 
 
@@ -271,6 +272,9 @@ def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed:
         v = np.tile(np.arange(size - 1), n)
         pos = np.repeat(np.arange(n), size - 1)
         vals = v + (v >= classes[pos, col])
+    elif values == "factual":
+        # The null intervention: do the value the source already has (tests composition).
+        pos, vals = np.arange(n), classes[:, col].copy()
     elif values == "random_other":
         r = _hash(np.uint64(seed), src.astype(np.uint64), np.uint64(e)) % np.uint64(size - 1)
         pos, v = np.arange(n), r.astype(np.int64)

@@ -17,12 +17,14 @@ from cvae.grid import FACTORS
 
 def counterfactual_spec(config: Config) -> dict:
     """The pipeline's query set: test-split sources, each with one random other value of
-    every factor, sampled down to `pipeline.num_queries` queries in all."""
-    per_source = len(FACTORS)
+    every factor plus one null intervention (do = the factual shape, which must return the
+    factual image exactly), about `pipeline.num_queries` queries in all."""
+    per_source = len(FACTORS) + 1
     return {
         "seed": config.seed,
         "sources": {"split": "test", "sample": max(1, config.pipeline.num_queries // per_source)},
-        "interventions": [{"factor": f, "values": "random_other"} for f in FACTORS],
+        "interventions": [{"factor": f, "values": "random_other"} for f in FACTORS]
+        + [{"factor": "shape", "values": "factual"}],
         "samples": 1,
     }
 

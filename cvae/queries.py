@@ -233,7 +233,7 @@ def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
     classes = np.concatenate(classes)
     is_cf = cf[rows_of]
     columns = {
-        "query_id": pa.array([ids[i] for i in rows_of], pa.string()),
+        "query_id": table.column("query_id").take(pa.array(rows_of)),
         "sample": pa.array(sample, pa.int64()),
         "kind": pa.array(kinds[rows_of].astype(str), pa.string()),
     }

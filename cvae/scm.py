@@ -69,12 +69,22 @@ def row_keys(seeds: np.ndarray, samples: np.ndarray) -> np.ndarray:
 
 
 def uniforms(keys: np.ndarray, stream: int, count: int) -> np.ndarray:
-    """(n, count) float64 uniforms in the open interval (0, 1), from (key, stream, counter)."""
+    """(n, count) float64 uniforms in the open interval (0, 1), from (key, stream, counter).
+
+    Each 64-bit hash gives two 32-bit uniforms (low half first): half the hashing, and
+    2^-32 resolution is ample for Gumbels, normals and pixel noise.
+    """
+    half = (count + 1) // 2
     with np.errstate(over="ignore"):
         base = _mix(keys ^ _mix(np.full(keys.shape, stream, dtype=np.uint64) + _GOLDEN))
-        counters = (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN)[None, :]
-        bits = _mix(base[:, None] + counters) >> np.uint64(11)
-    return (bits.astype(np.float64) + 0.5) * 2.0**-53
+        counters = (np.arange(1, half + 1, dtype=np.uint64) * _GOLDEN)[None, :]
+        bits = _mix(base[:, None] + counters)
+    # Little-endian view: the (n, half) uint64 as (n, 2 * half) uint32, low then high halves.
+    words = bits.astype("<u8", copy=False).view("<u4")[:, :count]
+    out = words.astype(np.float64)
+    out += 0.5
+    out *= 2.0**-32
+    return out
 
 
 def gumbels(u: np.ndarray) -> np.ndarray:
@@ -438,7 +448,7 @@ class ImageSCM:
     def pixel_probs(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """p = sigmoid(decoder(z, classes)) in float64, (m, 4096)."""
         (logits,) = self._net(self.vae.decode, z.to(self.device), classes.to(self.device))
-        return torch.sigmoid(logits.double())
+        return logits.double().sigmoid_()
 
     # ----------------------------------------------------------------- the Pyro model
 
@@ -510,11 +520,11 @@ class ImageSCM:
             p = self.pixel_probs(z, y).cpu()
             v = u_x[cf]
             # x = 1 -> U = p v in (0, p); x = 0 -> U = p + (1 - p) v in [p, 1): the same p gives back
-            # x exactly (p v < p for every v the generator makes, as v <= 1 - 2^-54, and p > 0).
-            # Computed in place: these are (m, 4096) float64 arrays.
+            # x exactly (p v < p in float64 for every v the generator makes, as v <= 1 - 2^-33,
+            # and p > 0). Computed in place: these are (m, 4096) float64 arrays.
             below = p * v
             above = (1 - p).mul_(v).add_(p)
-            u_x[cf] = torch.where(images > 0, below, above)
+            u_x[cf] = torch.where(images > 0, below, above, out=above)
 
         # Factors: one run of the factor model per intervention pattern (Pyro's do fixes a
         # site for every row of a run).

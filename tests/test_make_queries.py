@@ -229,3 +229,16 @@ def test_factor_sizes_cover_all_values(tmp_path):
     summary = make_queries({"sources": {"indices": [12345]},
                             "interventions": [{"factor": f, "values": "all"} for f in FACTORS]}, tmp_path)
     assert summary["num_queries"] == sum(FACTOR_SIZES.values())
+
+
+def test_values_factual_is_the_null_intervention(tmp_path):
+    spec = {"sources": {"indices": [0, 5000, 400000]},
+            "interventions": [{"factor": "scale", "values": "factual"},
+                              {"factor": "shape", "values": "random_other"}]}
+    make_queries(spec, tmp_path)
+    table = _read(tmp_path)
+    do = _do(table)
+    factual = index_to_classes(table["source_index"].to_numpy(), with_color=False)
+    null = do[:, 1] >= 0
+    assert null.sum() == 3 and (do[null, 1] == factual[null, 1]).all()
+    assert (do[~null, 0] != factual[~null, 0]).all()
