@@ -4,6 +4,8 @@ Each stage writes under `<out>/`: `data/` (shards), `train/` (checkpoints, metri
 figures), `queries/` (the generated counterfactual query set), `answers/` (results and
 errors Parquet), `eval/` (report.json, report.md, figures). A stage whose output is
 already complete is reused, so rerunning the job after an interruption continues.
+`out` may be a local path or a URI (file://, s3://, gs://): every stage reads and writes
+through pyarrow's filesystems, and training workers stage their own shards locally.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from cvae import fs
 from cvae.config import Config
 from cvae.grid import FACTORS
 
@@ -41,8 +44,8 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     from cvae.shards import MANIFEST, write_dataset
     from cvae.train import run_training
 
-    out = Path(out or config.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out or config.out)
+    out = out.rstrip("/") if fs.is_uri(out) else str(Path(out).resolve())
     started = time.time()
     stages: dict[str, float] = {}
 
@@ -53,26 +56,27 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     if not ray.is_initialized():
         init_ray(config.ray_address, num_cpus=config.num_cpus, log_to_driver=True)
 
-    data_dir = out / "data"
+    data_dir = fs.join(out, "data")
     stage("1/5 data")
-    if (data_dir / MANIFEST).is_file():
+    if fs.exists(fs.join(data_dir, MANIFEST)):
         print(f"reusing the dataset in {data_dir}")
     else:
-        write_dataset(config, data_dir)
+        with fs.local_output(data_dir) as local:  # a URI is uploaded once complete
+            write_dataset(config, local)
 
     stage("2/5 train")
-    training = run_training(config, data_dir, out / "train")
+    training = run_training(config, data_dir, fs.join(out, "train"))
     checkpoint = training.best_checkpoint
     print(f"best checkpoint: {checkpoint}")
 
     stage("3/5 queries")
-    queries_dir = out / "queries"
+    queries_dir = fs.join(out, "queries")
     queries = make_queries(counterfactual_spec(config), queries_dir, data_dir=data_dir)
     print(f"{queries['num_queries']} counterfactual queries from {queries['num_sources']} "
           f"test sources -> {queries_dir}")
 
     stage("4/5 answers")
-    answers_dir = out / "answers"
+    answers_dir = fs.join(out, "answers")
     answers = run_query_job(
         checkpoint, queries_dir, answers_dir, actors=config.query.actors,
         batch_size=config.query.batch_size, gpus_per_actor=config.query.gpus_per_actor,
@@ -80,7 +84,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     )
 
     stage("5/5 evaluate")
-    eval_dir = out / "eval"
+    eval_dir = fs.join(out, "eval")
     report = evaluate(answers_dir, checkpoint, eval_dir, queries_dir, data_dir=data_dir,
                       figures_per_factor=config.pipeline.figures_per_factor,
                       max_samples=config.query.max_samples)
@@ -89,19 +93,20 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         "seconds": round(time.time() - started, 1),
         "stage_seconds": _durations(stages, time.time()),
         "files": {
-            "data manifest": str(data_dir / MANIFEST),
+            "data manifest": fs.join(data_dir, MANIFEST),
             "best checkpoint": checkpoint,
             **{f"train {k}": v for k, v in training.files.items()},
-            "queries": str(queries_dir),
-            "answers": str(answers_dir / SUCCESS),
-            "report": str(eval_dir / "report.json"),
-            "report table": str(eval_dir / "report.md"),
+            "queries": queries_dir,
+            "answers": fs.join(answers_dir, SUCCESS),
+            "report": fs.join(eval_dir, "report.json"),
+            "report table": fs.join(eval_dir, "report.md"),
         },
         "final test loss (nats/image)": training.history[-1].get("test_loss"),
         "answers": {k: answers.get(k) for k in ("results", "errors", "queries", "seconds")},
         "overall": report.get("overall"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with fs.local_output(out) as local:  # a URI: only summary.json is uploaded here
+        fs.write_text_atomic(Path(local) / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

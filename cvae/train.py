@@ -57,7 +57,31 @@ class TrainingResult:
 
 
 def train_func(loop_config: dict) -> None:
-    """One Ray Train worker's loop (also run in-process in local mode)."""
+    """One Ray Train worker's loop (also run in-process in local mode). Shards behind a
+    URI are first staged to local disk: only the manifest and this worker's own shards."""
+    import ray.train
+
+    from cvae import fs
+
+    data_dir = loop_config["data_dir"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if not fs.is_uri(data_dir):
+        return _train_loop(loop_config, data_dir, rank, world)
+    with fs.staged(data_dir, only=rank_files(loop_config["manifest"], rank, world)) as local:
+        return _train_loop(loop_config, str(local), rank, world)
+
+
+def rank_files(manifest: dict, rank: int, world: int) -> list[str]:
+    """The manifest and the shard files that rank `rank` of `world` reads (as ShardReader
+    assigns them: every world-th shard of each split)."""
+    from cvae.shards import MANIFEST, SPLITS, split_shards
+
+    return [MANIFEST] + [e["file"] for split in SPLITS
+                         for e in split_shards(manifest, split)[rank::world]]
+
+
+def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None:
     import ray.train
     import ray.train.torch
 
@@ -65,9 +89,6 @@ def train_func(loop_config: dict) -> None:
 
     config = config_from_dict(loop_config["config"])
     train = config.train
-    data_dir = loop_config["data_dir"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(train.threads_per_worker)
     device = ray.train.torch.get_device()
 
@@ -335,13 +356,17 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
 
     from cvae import fs
     from cvae.scm import FactorSCM
-    from cvae.shards import read_manifest
+    from cvae.shards import MANIFEST, read_manifest
 
-    data_dir = Path(data_dir).resolve()
+    data_uri = str(data_dir).rstrip("/") if fs.is_uri(data_dir) else str(Path(data_dir).resolve())
     remote = fs.is_uri(out_dir)
     out = str(out_dir).rstrip("/") if remote else str(Path(out_dir).resolve())
     run_name = run_name or config.name
-    manifest = read_manifest(data_dir)
+    # The driver needs the manifest (and every shard only to fit the SCM's tables by counting).
+    fit = config.scm.tables == "fit"
+    with fs.staged(data_uri, only=None if fit else [MANIFEST]) as data_local:
+        manifest = read_manifest(data_local)
+        scm = FactorSCM.from_config(config.scm, data_local).to_dict()
     train = config.train
     local_mode = train.num_workers == 0
     if local_mode and remote:
@@ -349,9 +374,8 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
                           f"folder; {out_dir!r} is a URI")
     run_dir = fs.join(out, run_name)
     loop_config = {
-        "config": config.to_dict(), "data_dir": str(data_dir), "manifest": manifest,
-        "manifest_counts": _split_counts(manifest),
-        "scm": FactorSCM.from_config(config.scm, data_dir).to_dict(),
+        "config": config.to_dict(), "data_dir": data_uri, "manifest": manifest,
+        "manifest_counts": _split_counts(manifest), "scm": scm,
         "local_mode": local_mode, "run_dir": run_dir, "run_name": run_name,
         # Per-epoch metrics and curve, refreshed by rank 0 (a local folder only).
         "progress_dir": None if remote else out,
@@ -408,8 +432,9 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     history = latest_meta["history"]
     with fs.local_output(out) as local_out:
         files = write_metrics(local_out, history)
-        with best.as_directory() as directory:
-            save_reconstructions(directory, data_dir, local_out / RECON_PNG)
+        with best.as_directory() as directory, \
+                fs.staged(data_uri, only=rank_files(manifest, 0, 1)) as data_local:
+            save_reconstructions(directory, data_local, local_out / RECON_PNG)
         files["reconstructions"] = str(local_out / RECON_PNG)
     if remote:
         files = {k: fs.join(out, Path(v).name) for k, v in files.items()}

@@ -27,9 +27,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
-# The job the test submits and how its outputs are checked. When jobs/pipeline.py lands,
-# switch this one line to: JOB = ("jobs.pipeline", "pipeline")
-JOB = ("jobs.prepare_data", "prepare")
+# The job the test submits (the main job on the tiny config) and how its outputs are checked.
+JOB = ("jobs.pipeline", "pipeline")
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
