@@ -1,6 +1,6 @@
 """The batch query engine: Parquet queries -> a Ray Data actor pool holding the SCM -> Parquet.
 
-    read_parquet(queries) -> map_batches(QueryActor, concurrency=actors) -> AtomicParquetSink
+    read_parquet(queries) -> map_batches(QueryActor, ActorPoolStrategy(size=actors)) -> AtomicParquetSink
 
 The checkpoint, the queries and the output folder may each be a local path or a URI that
 pyarrow's filesystems handle (file://, s3://, gs://): the queries are read and the output is
@@ -25,6 +25,8 @@ stale staging folders and replaces the output, so it never holds duplicates.
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +40,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from cvae import fs as cfs
+from cvae.config import ConfigError
 from cvae.localray import init_ray
 from cvae.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
 
@@ -284,8 +287,17 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
         sink = AtomicParquetSink(out_dir)
     except ValueError as exc:
         raise OutputLocationError(f"output {out_dir}: {exc}") from None
+    # The actors must leave a CPU for Ray Data's read and write tasks: with every CPU held
+    # by an idle actor waiting for input, the job would wait forever.
+    needed = actors * cpus_per_actor + 1
     if not ray.is_initialized():
-        init_ray(ray_address, num_cpus=num_cpus)
+        local_cpus = max(num_cpus or os.cpu_count() or 1, math.ceil(needed))  # logical CPUs
+        init_ray(ray_address, num_cpus=local_cpus)
+    total = ray.cluster_resources().get("CPU", 0)
+    if total < needed:
+        raise ConfigError(
+            f"query.actors: the Ray cluster has {total:g} CPUs; {actors} actors x {cpus_per_actor:g} CPUs plus "
+            f"one for reading and writing need {needed:g}: use fewer actors or cpus_per_actor")
     ds = ray.data.read_parquet(files, filesystem=fs)
     # A read task emits blocks of up to 128 MiB: a file of small query rows arrives as one
     # block, and one block feeds one actor. Streaming re-blocking into batch-sized blocks
@@ -297,7 +309,7 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
                                "duplicate_ids": duplicates, "threads": max(1, round(cpus_per_actor))},
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor,
         num_cpus=cpus_per_actor,
     )

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cvae.config import ConfigError
 from cvae.engine import SUCCESS, read_output, run_query_job
 from cvae.queries import QUERY_SCHEMA, QuerySchemaError, answer_queries
 from cvae.scm import ImageSCM
@@ -218,3 +219,12 @@ def test_file_uris_for_checkpoint_queries_and_output(ray_session, checkpoint, ex
     from cvae.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         run_query_job((tmp_path / "nowhere").as_uri(), folder.as_uri(), out_uri)
+
+
+def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_session, checkpoint, tmp_path):
+    # ray_session has 4 CPUs: 4 one-CPU actors would leave Ray Data's read task none and wait
+    # forever; the engine refuses that up front instead.
+    pq.write_table(queries(4), tmp_path / "q.parquet")
+    with pytest.raises(ConfigError, match=r"query\.actors: the Ray cluster has 4 CPUs"):
+        run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out", actors=4)
+    assert not (tmp_path / "out" / "_SUCCESS.json").exists()
