@@ -89,3 +89,15 @@ def factor_classes(strides: dict[str, int] | None = None) -> np.ndarray:
 def grid_indices(strides: dict[str, int] | None = None) -> np.ndarray:
     """Official indices of the (optionally thinned) grid, ascending."""
     return classes_to_index(factor_classes(strides))
+
+
+def rule_mask(classes: np.ndarray, rules: list[dict]) -> np.ndarray:
+    """True for (n, 5) factor-class rows that match some rule: a rule maps factor names to
+    allowed classes, and a row matches it when every named factor has an allowed class."""
+    mask = np.zeros(len(classes), dtype=bool)
+    for rule in rules:
+        hit = np.ones(len(classes), dtype=bool)
+        for name, allowed in rule.items():
+            hit &= np.isin(classes[:, FACTORS.index(name)], allowed)
+        mask |= hit
+    return mask

@@ -41,7 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cvae import fs
-from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes
+from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes, rule_mask
+from cvae.rng import hash_parts
 
 SPLITS = ("train", "test", "holdout")
 VALUE_MODES = ("all", "other", "random_other", "factual")
@@ -129,8 +130,7 @@ def _validate_sources(src: Any) -> dict:
         if not isinstance(flt, dict) or not flt:
             raise SpecError(f"{where}.filter: must be a mapping of factor to a list of classes")
         for name, classes in flt.items():
-            if name not in FACTORS:
-                raise SpecError(f"{where}.filter.{name}: unknown factor (expected one of {FACTORS})")
+            _factor(name, f"{where}.filter.{name}")
             if not isinstance(classes, list) or not classes:
                 raise SpecError(f"{where}.filter.{name}: must be a non-empty list of classes")
             for c in classes:
@@ -150,8 +150,7 @@ def _validate_entry(entry: Any, where: str) -> dict:
         if not isinstance(do, dict) or not do:
             raise SpecError(f"{where}.do: must be a mapping of factor to class")
         for name, value in do.items():
-            if name not in FACTORS:
-                raise SpecError(f"{where}.do.{name}: unknown factor (expected one of {FACTORS})")
+            _factor(name, f"{where}.do.{name}")
             _int(value, f"{where}.do.{name}", minimum=0, maximum=FACTOR_SIZES[name] - 1)
         return {"do": dict(do)}
     _known(entry, ("factor", "values"), where)
@@ -176,6 +175,11 @@ def _validate_entry(entry: Any, where: str) -> dict:
     else:
         raise SpecError(f"{where}.values: must be all, other, random_other, factual, a class or a list of classes")
     return {"factor": factor, "values": values}
+
+
+def _factor(name: Any, where: str) -> None:
+    if name not in FACTORS:
+        raise SpecError(f"{where}: unknown factor (expected one of {FACTORS})")
 
 
 def _known(mapping: dict, keys: tuple, where: str) -> None:
@@ -206,14 +210,10 @@ def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None)
     else:
         idx = grid_indices(sources["grid"])
     if "filter" in sources:
-        classes = index_to_classes(idx, with_color=False)
-        keep = np.ones(len(idx), dtype=bool)
-        for name, allowed in sources["filter"].items():
-            keep &= np.isin(classes[:, FACTORS.index(name)], allowed)
-        idx = idx[keep]
+        idx = idx[rule_mask(index_to_classes(idx, with_color=False), [sources["filter"]])]
     if "sample" in sources and sources["sample"] < len(idx):
         # A seeded permutation of the candidates: the first n (sorted) are the sample.
-        order = np.argsort(_hash(np.uint64(seed), idx.astype(np.uint64), np.uint64(0x5A)), kind="stable")
+        order = np.argsort(hash_parts(np.uint64(seed), idx.astype(np.uint64), np.uint64(0x5A)), kind="stable")
         idx = np.sort(idx[order[: sources["sample"]]])
     if len(idx) == 0:
         raise SpecError("spec.sources: selects no sources")
@@ -242,18 +242,6 @@ def split_indices(data_dir: str | Path, split: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- rows
 
-def _hash(*parts) -> np.ndarray:
-    """splitmix64 over uint64 arrays: a counter-based random number per element."""
-    with np.errstate(over="ignore"):
-        h = np.uint64(0x9E3779B97F4A7C15)
-        for part in parts:
-            x = (h ^ np.asarray(part, dtype=np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            h = x ^ (x >> np.uint64(31))
-        return h
-
-
 def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed: int):
     """(positions into src, (m, 5) do classes with -1 for not intervened) for one entry."""
     n = len(src)
@@ -276,7 +264,7 @@ def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed:
         # The null intervention: do the value the source already has (tests composition).
         pos, vals = np.arange(n), classes[:, col].copy()
     elif values == "random_other":
-        r = _hash(np.uint64(seed), src.astype(np.uint64), np.uint64(e)) % np.uint64(size - 1)
+        r = hash_parts(np.uint64(seed), src.astype(np.uint64), np.uint64(e)) % np.uint64(size - 1)
         pos, v = np.arange(n), r.astype(np.int64)
         vals = v + (v >= classes[:, col])
     else:
@@ -317,7 +305,7 @@ def _chunk_table(spec: dict, src: np.ndarray) -> pa.Table:
         seg = pc.if_else(pa.array(mask), seg, "")
         qid = pc.binary_join_element_wise(qid, seg, "")
         do_code = do_code * np.uint64(FACTOR_SIZES[name] + 1) + (do[:, i] + 1).astype(np.uint64)
-    seeds = (_hash(np.uint64(spec["seed"]), source.astype(np.uint64), do_code)
+    seeds = (hash_parts(np.uint64(spec["seed"]), source.astype(np.uint64), do_code)
              & np.uint64(2**63 - 1)).astype(np.int64)
 
     n = len(pos)

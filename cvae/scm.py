@@ -26,6 +26,7 @@ import torch
 from pyro import poutine
 
 from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
+from cvae.rng import GOLDEN, mix
 
 SIZES = tuple(FACTOR_SIZES[f] for f in FACTORS)
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -45,17 +46,6 @@ class ScmError(ValueError):
 
 # --------------------------------------------------------------------------- randomness
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective, well-mixed hash of uint64 arrays."""
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 def seed_from_query_id(query_id: str) -> int:
     """A stable 64-bit seed for a query without one (not Python's salted hash())."""
     return int.from_bytes(hashlib.blake2b(query_id.encode("utf-8"), digest_size=8).digest(), "little")
@@ -65,7 +55,7 @@ def row_keys(seeds: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """The key of (seed, sample number): all randomness of one sample derives from it."""
     seeds = np.asarray(seeds).astype(np.uint64)  # int64 seeds keep their bits
     samples = np.asarray(samples).astype(np.uint64)
-    return _mix(_mix(seeds) ^ (samples * np.uint64(0xD1B54A32D192ED03) + _GOLDEN))
+    return mix(mix(seeds) ^ (samples * np.uint64(0xD1B54A32D192ED03) + GOLDEN))
 
 
 def uniforms(keys: np.ndarray, stream: int, count: int) -> np.ndarray:
@@ -76,9 +66,9 @@ def uniforms(keys: np.ndarray, stream: int, count: int) -> np.ndarray:
     """
     half = (count + 1) // 2
     with np.errstate(over="ignore"):
-        base = _mix(keys ^ _mix(np.full(keys.shape, stream, dtype=np.uint64) + _GOLDEN))
-        counters = (np.arange(1, half + 1, dtype=np.uint64) * _GOLDEN)[None, :]
-        bits = _mix(base[:, None] + counters)
+        base = mix(keys ^ mix(np.full(keys.shape, stream, dtype=np.uint64) + GOLDEN))
+        counters = (np.arange(1, half + 1, dtype=np.uint64) * GOLDEN)[None, :]
+        bits = mix(base[:, None] + counters)
     # Little-endian view: the (n, half) uint64 as (n, 2 * half) uint32, low then high halves.
     words = bits.astype("<u8", copy=False).view("<u4")[:, :count]
     out = words.astype(np.float64)

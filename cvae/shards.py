@@ -25,7 +25,7 @@ import numpy as np
 from cvae.config import Config, ConfigError
 from cvae.errors import DataError
 from cvae.grid import (FACTORS, IMAGE_SIZE, LATENT_SIZES, LATENTS, classes_to_index,
-                       classes_to_values, factor_classes)
+                       classes_to_values, factor_classes, rule_mask)
 from cvae.render import check_classes, render
 
 __all__ = ["DataError", "write_dataset", "read_manifest", "verify_dataset", "split_shards",
@@ -53,13 +53,7 @@ def shard_name(number: int, total: int) -> str:
 
 def holdout_mask(classes: np.ndarray, rules: list[dict]) -> np.ndarray:
     """True for rows held out: for some rule, every factor it names has a listed class."""
-    mask = np.zeros(len(classes), dtype=bool)
-    for rule in rules:
-        hit = np.ones(len(classes), dtype=bool)
-        for name, allowed in rule.items():
-            hit &= np.isin(classes[:, FACTORS.index(name)], allowed)
-        mask |= hit
-    return mask
+    return rule_mask(classes, rules)
 
 
 def split_rows(classes: np.ndarray, test_fraction: float, holdout: list[dict],
