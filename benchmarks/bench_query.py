@@ -16,9 +16,11 @@ here on all cores. The machine may be shared, so the roof is measured right befo
 after each timed phase and the phase is compared with the mean of the two.
 
 Memory: the same job on files of N queries (a small network, so a million rows finish in
-minutes: what grows with N is the data, not the model); peak of the summed resident memory
-(VmRSS) of the driver and every process it started (Ray's raylet, GCS, object store, actors),
-sampled every 0.2 s. Shared pages are counted once per process, so it is an upper bound.
+minutes: what grows with N is the data, not the model); peak of the summed proportional set
+size (PSS) of the driver and every process it started (Ray's raylet, GCS, actors, tasks),
+sampled every 0.2 s, with each role's share at the peak. PSS divides shared pages (the
+object store, mapped by every worker that touches a block) among their sharers; summed
+VmRSS would count them once per process and grow with how many workers touched blocks.
 """
 from __future__ import annotations
 
@@ -91,8 +93,21 @@ def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_
                                row_group_size=row_group)
 
 
-def tree_rss() -> int:
-    """Summed VmRSS (bytes) of this process and all its descendants, from /proc."""
+def _pss(pid: int) -> int:
+    """Proportional set size (bytes): shared pages (Ray's object store, mapped by every
+    worker that reads a block) divided among the processes sharing them, so the sum over
+    processes is the memory really used. Falls back to VmRSS where smaps_rollup is missing."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        key = "Pss:"
+    except OSError:
+        text, key = Path(f"/proc/{pid}/status").read_text(), "VmRSS:"
+    return next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(key)), 0)
+
+
+def tree_memory() -> dict[str, int]:
+    """PSS (bytes) of this process and all its descendants, from /proc, summed by role:
+    the driver, each Ray system process by name, and Ray workers (tasks and actors)."""
     parent = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -104,20 +119,28 @@ def tree_rss() -> int:
     while frontier:
         frontier = [p for p, pp in parent.items() if pp in frontier]
         pids += frontier
-    total = 0
+    roles: dict[str, int] = {}
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            used = _pss(pid)
         except OSError:
-            pass
-    return total
+            continue
+        if pid == os.getpid():
+            role = "driver"
+        elif cmd.startswith("ray::") or "default_worker.py" in cmd:
+            role = "ray workers"
+        else:
+            role = Path(cmd.split()[0]).name if cmd else "other"
+        roles[role] = roles.get(role, 0) + used
+    return roles
 
 
 class PeakMemory:
+    """Peak of the summed PSS, with the share of each role at that moment."""
+
     def __init__(self, every: float = 0.2):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.every, self.peak, self.at_peak, self._stop = every, 0, {}, threading.Event()
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -126,7 +149,9 @@ class PeakMemory:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss())
+            roles = tree_memory()
+            if sum(roles.values()) > self.peak:
+                self.peak, self.at_peak = sum(roles.values()), roles
             time.sleep(self.every)
 
     def __exit__(self, *exc):
@@ -207,9 +232,11 @@ def main() -> None:
             start = time.perf_counter()
             summary = run_query_job(small, path, work / f"mem{n}", actors=2, batch_size=4096)
         assert summary["result_rows"] == n
-        figures[f"peak_rss_gib_{n}"] = mem.peak / 2**30
-        print(f"memory: {n} queries: peak RSS (driver + Ray processes) {mem.peak / 2**30:.2f} GiB, "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+        figures[f"peak_pss_gib_{n}"] = mem.peak / 2**30
+        shares = sorted(mem.at_peak.items(), key=lambda kv: -kv[1])
+        print(f"memory: {n} queries: peak PSS (driver + Ray processes) {mem.peak / 2**30:.2f} GiB, "
+              f"{time.perf_counter() - start:.0f} s; at the peak: "
+              + ", ".join(f"{role} {used / 2**20:.0f} MiB" for role, used in shares), flush=True)
     print(json.dumps(figures, indent=2))
 
 

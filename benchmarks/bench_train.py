@@ -1,7 +1,7 @@
 """Training speed and quality, measured side by side in one run.
 
     python benchmarks/bench_train.py [--config configs/bench.yaml] [--data DIR] [--steps 40]
-    python benchmarks/bench_train.py --quality [--archs mlp,conv] [--epochs N]   # the long run
+    python benchmarks/bench_train.py --quality [--archs mlp,conv,sprite] [--epochs N]   # the long run
 
 Speed (default): for each of --archs, with the config's batch size and threads per worker,
   1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s;
@@ -47,7 +47,8 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> f
     """Images/s of a plain PyTorch loop: one process, the config's threads per worker."""
     torch.set_num_threads(config.train.threads_per_worker)
     torch.manual_seed(config.seed)
-    model = SupervisedVAE(config.model.arch, config.model.z_dim, config.model.hidden)
+    model = SupervisedVAE(config.model.arch, config.model.z_dim, config.model.hidden,
+                          config.model.learn_translation)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
                          seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=False)
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--out", help="output folder (default: <config.out>)")
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
     parser.add_argument("--quality", action="store_true", help="run the quality benchmark instead")
-    parser.add_argument("--archs", default="mlp,conv")
+    parser.add_argument("--archs", default="mlp,conv,sprite")
     parser.add_argument("--epochs", type=int,
                         help="override train.epochs (a rerun continues the same runs to it)")
     args = parser.parse_args()

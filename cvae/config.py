@@ -70,12 +70,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | conv
+    arch: str = "mlp"  # mlp | conv | sprite
     z_dim: int = 50
     hidden: int = 1000  # width of the mlp's hidden layers
+    learn_translation: bool = False  # sprite: learn the position maps (official data)
 
     def validate(self, where: str) -> None:
-        _one_of(self.arch, ("mlp", "conv"), f"{where}.arch")
+        _one_of(self.arch, ("mlp", "conv", "sprite"), f"{where}.arch")
         _positive(self.z_dim, f"{where}.z_dim")
         _positive(self.hidden, f"{where}.hidden")
 

@@ -7,12 +7,16 @@ A local Ray started here
 - binds every port to 127.0.0.1: on Linux Ray replaces a loopback node address by the
   machine's own address unless multi-machine clusters are switched off
   (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the laptop setting);
-- starts no dashboard, so no Jobs API port at all.
+- starts no dashboard, so no Jobs API port at all. Without it Ray's State API is down, so
+  Ray Train's placement-group cleaner (a safety net for a controller that dies while its
+  cluster lives on) would warn every second that it cannot ask; its placement groups end
+  with this Ray anyway, so each worker process silences that one logger (`quiet_workers`).
 Inside a submitted job (RAY_ADDRESS is set) or with an explicit address, it connects
 instead, and the cluster's own token settings apply.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sys
@@ -31,6 +35,16 @@ def secure_local_env(env: MutableMapping[str, str] = os.environ) -> MutableMappi
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return env
+
+
+# Loggers that only say the State API (the dashboard) is missing; silenced in a local Ray.
+NO_DASHBOARD_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_workers() -> None:
+    """worker_process_setup_hook of the local Ray: run in every worker process at start."""
+    for name in NO_DASHBOARD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def init_ray(address: Optional[str] = None, **kwargs: Any):
@@ -56,4 +70,8 @@ def init_ray(address: Optional[str] = None, **kwargs: Any):
         Config.initialize("")
         ray_constants.ENABLE_RAY_CLUSTER = False
     kwargs.setdefault("include_dashboard", False)
+    if not kwargs["include_dashboard"]:
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        runtime_env.setdefault("worker_process_setup_hook", "cvae.localray.quiet_workers")
+        kwargs["runtime_env"] = runtime_env
     return ray.init(**kwargs)

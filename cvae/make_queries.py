@@ -8,7 +8,7 @@ A spec (YAML or a dict) names the sources, the interventions and the samples:
       filter: {shape: [0, 1]}      # optional: keep sources whose factors are in these classes
       sample: 1000                 # optional: a seeded sample of n sources, no replacement
     interventions:                 # each entry adds queries for every source
-      - {factor: shape, values: other}         # every other shape
+      - {factor: shape, values: other}         # every other shape (of the sources' grid, below)
       - {factor: scale, values: all}           # all values, the factual one included (null do)
       - {factor: pos_x, values: random_other}  # one random other value per source
       - {factor: scale, values: factual}       # the null intervention (do = the factual value)
@@ -17,6 +17,11 @@ A spec (YAML or a dict) names the sources, the interventions and the samples:
     samples: 1                     # num_samples per query
     rows_per_file: 1000000         # rows per Parquet file
     id_prefix: ""                  # prepended to every query_id
+
+`all`, `other` and `random_other` range over the factor's classes in the sources' grid: the
+dataset's grid for a split (its manifest's strides: a model trained on every 4th orientation
+is not asked for the others), the given strides for grid sources, every class for indices.
+A list of classes reaches any class.
 
 The output holds `part-00000.parquet`, ... (query rows in the query schema of
 docs/DESIGN) and `_summary.json`. Rows are produced a chunk of sources at a time
@@ -220,6 +225,19 @@ def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None)
     return idx
 
 
+def value_classes(sources: dict, data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The classes `all`, `other` and `random_other` range over, per factor: those of the
+    sources' grid (see the module docstring)."""
+    if "split" in sources:
+        from cvae.shards import MANIFEST, read_manifest
+
+        with fs.staged(data_dir, only=[MANIFEST]) as local:
+            strides = read_manifest(local)["grid"]["strides"]
+    else:
+        strides = sources.get("grid", {})
+    return {f: np.arange(0, FACTOR_SIZES[f], strides.get(f, 1), dtype=np.int64) for f in FACTORS}
+
+
 def split_indices(data_dir: str | Path, split: str) -> np.ndarray:
     """Official indices of one split of a sharded dataset (path or URI).
 
@@ -242,8 +260,10 @@ def split_indices(data_dir: str | Path, split: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- rows
 
-def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed: int):
-    """(positions into src, (m, 5) do classes with -1 for not intervened) for one entry."""
+def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed: int,
+                domain: dict[str, np.ndarray]):
+    """(positions into src, (m, 5) do classes with -1 for not intervened) for one entry;
+    `domain` holds the classes each factor's all / other / random_other range over."""
     n = len(src)
     if "do" in entry:
         do = np.full((n, len(FACTORS)), -1, dtype=np.int64)
@@ -251,22 +271,27 @@ def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed:
             do[:, FACTORS.index(name)] = value
         return np.arange(n), do
     col = FACTORS.index(entry["factor"])
-    size = FACTOR_SIZES[entry["factor"]]
+    classes_of = domain[entry["factor"]]
+    size = len(classes_of)
+    factual = classes[:, col]
     values = entry["values"]
     if values == "all":
-        pos, vals = np.repeat(np.arange(n), size), np.tile(np.arange(size), n)
+        pos, vals = np.repeat(np.arange(n), size), np.tile(classes_of, n)
     elif values == "other":
-        # The size-1 values other than the factual one: v, shifted up past the factual.
-        v = np.tile(np.arange(size - 1), n)
-        pos = np.repeat(np.arange(n), size - 1)
-        vals = v + (v >= classes[pos, col])
+        pos, vals = np.repeat(np.arange(n), size), np.tile(classes_of, n)
+        keep = vals != factual[pos]
+        pos, vals = pos[keep], vals[keep]
     elif values == "factual":
         # The null intervention: do the value the source already has (tests composition).
-        pos, vals = np.arange(n), classes[:, col].copy()
+        pos, vals = np.arange(n), factual.copy()
     elif values == "random_other":
-        r = hash_parts(np.uint64(seed), src.astype(np.uint64), np.uint64(e)) % np.uint64(size - 1)
-        pos, v = np.arange(n), r.astype(np.int64)
-        vals = v + (v >= classes[:, col])
+        # The r-th of the domain's classes other than the factual one (if it is there).
+        rank = np.searchsorted(classes_of, factual)
+        present = (rank < size) & (classes_of[np.minimum(rank, size - 1)] == factual)
+        choices = (size - present).astype(np.uint64)
+        r = hash_parts(np.uint64(seed), src.astype(np.uint64), np.uint64(e)) % choices
+        pos, r = np.arange(n), r.astype(np.int64)
+        vals = classes_of[r + (present & (r >= rank))]
     else:
         vals = np.tile(np.asarray(values, dtype=np.int64), n)
         pos = np.repeat(np.arange(n), len(values))
@@ -275,10 +300,11 @@ def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed:
     return pos, do
 
 
-def _chunk_table(spec: dict, src: np.ndarray) -> pa.Table:
+def _chunk_table(spec: dict, src: np.ndarray, domain: dict[str, np.ndarray]) -> pa.Table:
     """All query rows for a chunk of sources, duplicates (same source and do) dropped."""
     classes = index_to_classes(src, with_color=False)
-    parts = [_entry_rows(entry, e, src, classes, spec["seed"]) for e, entry in enumerate(spec["interventions"])]
+    parts = [_entry_rows(entry, e, src, classes, spec["seed"], domain)
+             for e, entry in enumerate(spec["interventions"])]
     pos = np.concatenate([p for p, _ in parts])
     do = np.concatenate([d for _, d in parts])
     if len(parts) > 1:
@@ -341,9 +367,14 @@ def iter_query_tables(spec: dict, data_dir: str | Path | None = None) -> Iterato
     """Yield the query set as Arrow tables of at most about CHUNK_ROWS rows each."""
     spec = validate_spec(spec)
     src = source_indices(spec["sources"], spec["seed"], data_dir)
+    domain = value_classes(spec["sources"], data_dir)
+    for i, entry in enumerate(spec["interventions"]):
+        if entry.get("values") in ("other", "random_other") and len(domain[entry["factor"]]) < 2:
+            raise SpecError(f"spec.interventions[{i}].values: the sources' grid has a single "
+                            f"{entry['factor']} class, so no other value")
     step = max(1, CHUNK_ROWS // _rows_per_source(spec))
     for start in range(0, len(src), step):
-        yield _chunk_table(spec, src[start:start + step])
+        yield _chunk_table(spec, src[start:start + step], domain)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -384,8 +415,11 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
                 writer.write_table(table.slice(offset, take))
                 offset, in_file, rows = offset + take, in_file + take, rows + take
         close()
+        reduced = {f: c.tolist() for f, c in value_classes(spec["sources"], data_dir).items()
+                   if len(c) < FACTOR_SIZES[f]}
         summary = {"num_queries": rows, "num_sources": num_sources, "files": files,
-                   "queries_by_factor": per_factor, "spec": spec, "out": str(out_dir)}
+                   "queries_by_factor": per_factor, "value_classes": reduced, "spec": spec,
+                   "out": str(out_dir)}
         fs.write_text_atomic(local / "_summary.json", json.dumps(summary, indent=2))
     return summary
 

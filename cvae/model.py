@@ -107,18 +107,83 @@ class ConvDecoder(nn.Module):
         return self.deconvs(h).flatten(1)
 
 
-ARCHITECTURES = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+CANVAS = 48  # the sprite canvas: a shape (33x33 at most) with a margin for learning
+SHAPE_DIM = FACTOR_SIZES["shape"] + FACTOR_SIZES["scale"] + FACTOR_SIZES["orientation"]  # 49
+
+
+def translation(num_positions: int) -> torch.Tensor:
+    """(num_positions, 64, CANVAS) 0/1 matrices: at position class k, frame row r reads
+    canvas row r - k + CANVAS // 2 - 16, so each class step moves the shape one pixel and
+    the canvas centre lands on frame pixels 16..47, the centres dSprites positions span.
+    Frame rows the canvas does not reach read nothing (the background)."""
+    frame = torch.arange(IMAGE_SIZE).view(1, -1, 1)
+    canvas = torch.arange(CANVAS).view(1, 1, -1)
+    k = torch.arange(num_positions).view(-1, 1, 1)
+    return (canvas == frame - k + CANVAS // 2 - 16).float()
+
+
+class SpriteDecoder(nn.Module):
+    """Draws the shape from (z, shape, scale, orientation) on a 48x48 canvas with the
+    conv decoder's layers, then moves it into the 64x64 frame:
+    frame = T_y[posY] (canvas - b) T_x[posX]^T + b, with one linear map T per position
+    class and a learned background logit b. Position is a translation by construction,
+    so the canvas network never has to learn each shape again at every position.
+
+    T is the one-pixel translation per class step that rendered dSprites makes, fixed
+    (exact, and it trains fastest); `learn_translation` makes the maps parameters that
+    start there, for images whose position steps are not whole pixels (official data)."""
+
+    def __init__(self, z_dim: int, hidden: int = 256, learn_translation: bool = False):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(z_dim + SHAPE_DIM, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, 32 * 6 * 6), nn.ReLU(),
+        )
+        self.deconvs = nn.Sequential(
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 1, 4, 2, 1),
+        )
+        self.background = nn.Parameter(torch.tensor(-5.0))
+        # Parameters either way (DDP syncs a buffer every step, a frozen parameter once).
+        self.move_x = nn.Parameter(translation(FACTOR_SIZES["pos_x"]), learn_translation)
+        self.move_y = nn.Parameter(translation(FACTOR_SIZES["pos_y"]), learn_translation)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([z, y[:, :SHAPE_DIM]], dim=1)).view(-1, 32, 6, 6)
+        return self.place(self.deconvs(h).squeeze(1), y)
+
+    def place(self, canvas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, 48, 48) canvas logits at the positions in the one-hot code y -> (B, 4096)."""
+        pos_x = y[:, SHAPE_DIM:SHAPE_DIM + FACTOR_SIZES["pos_x"]]
+        pos_y = y[:, SHAPE_DIM + FACTOR_SIZES["pos_x"]:]
+        # The one-hot codes pick each row's maps (a product, so it stays one batched op).
+        move_x = torch.einsum("bk,krc->brc", pos_x, self.move_x)
+        move_y = torch.einsum("bk,krc->brc", pos_y, self.move_y)
+        frame = move_y @ (canvas - self.background) @ move_x.transpose(1, 2)
+        return frame.flatten(1) + self.background
+
+
+ARCHITECTURES = {
+    "mlp": (MLPEncoder, MLPDecoder),
+    "conv": (ConvEncoder, ConvDecoder),
+    "sprite": (ConvEncoder, SpriteDecoder),
+}
 
 
 class SupervisedVAE(nn.Module):
-    def __init__(self, arch: str = "mlp", z_dim: int = 50, hidden: int = 1000):
+    def __init__(self, arch: str = "mlp", z_dim: int = 50, hidden: int = 1000,
+                 learn_translation: bool = False):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
         encoder, decoder = ARCHITECTURES[arch]
         self.arch, self.z_dim, self.hidden = arch, z_dim, hidden
+        self.learn_translation = bool(learn_translation)
         self.encoder = encoder(z_dim, hidden)
-        self.decoder = decoder(z_dim, hidden)
+        extra = {"learn_translation": self.learn_translation} if arch == "sprite" else {}
+        self.decoder = decoder(z_dim, hidden, **extra)
         self.elbo = Trace_ELBO()
 
     def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -149,4 +214,7 @@ class SupervisedVAE(nn.Module):
 
     def spec(self) -> dict:
         """What rebuilds this module: SupervisedVAE(**spec)."""
-        return {"arch": self.arch, "z_dim": self.z_dim, "hidden": self.hidden}
+        spec = {"arch": self.arch, "z_dim": self.z_dim, "hidden": self.hidden}
+        if self.arch == "sprite":
+            spec["learn_translation"] = self.learn_translation
+        return spec

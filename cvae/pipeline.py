@@ -101,13 +101,23 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
             "report": fs.join(eval_dir, "report.json"),
             "report table": fs.join(eval_dir, "report.md"),
         },
-        "final test loss (nats/image)": training.history[-1].get("test_loss"),
+        # The loss of the model the answers came from (a late spike is not evaluated).
+        "best epoch": _best_epoch(training.history),
         "answers": {k: answers.get(k) for k in ("results", "errors", "queries", "seconds")},
         "overall": report.get("overall"),
     }
     with fs.local_output(out) as local:  # a URI: only summary.json is uploaded here
         fs.write_text_atomic(Path(local) / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _best_epoch(history: list[dict]) -> dict | None:
+    """The epoch record with the lowest test loss: the one the best checkpoint holds."""
+    scored = [r for r in history if r.get("test_loss") is not None]
+    if not scored:
+        return None
+    best = min(scored, key=lambda r: (r["test_loss"], -r["epoch"]))
+    return {k: best.get(k) for k in ("epoch", "train_loss", "test_loss", "holdout_loss")}
 
 
 def _durations(stages: dict[str, float], end: float) -> dict[str, float]:

@@ -334,7 +334,7 @@ def _prune_local(run_dir: Path, keep: int) -> None:
 
 
 def _score_key(metrics: dict) -> tuple[int, float, int]:
-    """Sort key: evaluated checkpoints by test loss, then the rest; ties to the later."""
+    """Sort key: evaluated checkpoints by test loss, then the rest; ties to the later (cvae.pipeline._best_epoch agrees)."""
     value = metrics.get(SCORE)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return (1, 0.0, -metrics["epoch"])
@@ -459,7 +459,11 @@ def _parse_kill_at(text: str) -> tuple[int, int, int]:
 
 
 def _model_spec(config: Config) -> dict:
-    return {"arch": config.model.arch, "z_dim": config.model.z_dim, "hidden": config.model.hidden}
+    m = config.model
+    spec = {"arch": m.arch, "z_dim": m.z_dim, "hidden": m.hidden}
+    if m.arch == "sprite":  # the same keys as SupervisedVAE.spec()
+        spec["learn_translation"] = m.learn_translation
+    return spec
 
 
 def _json_safe(value):

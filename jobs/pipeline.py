@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== summary " + "=" * 50)
     print(f"finished in {summary['seconds']:.0f} s "
           f"({', '.join(f'{k.split()[-1]} {v:.0f} s' for k, v in summary['stage_seconds'].items())})")
-    loss = summary["final test loss (nats/image)"]
-    if loss is not None:
-        print(f"test loss: {loss:.2f} nats/image")
+    best = summary["best epoch"]
+    if best is not None:
+        print(f"best checkpoint: epoch {best['epoch']}, test loss {best['test_loss']:.2f} nats/image")
     overall = summary.get("overall") or {}
     if overall:
         print("counterfactuals vs ground truth: "

@@ -9,6 +9,7 @@ never with `ray stop`, which would stop every Ray instance of this user.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -237,11 +238,16 @@ from ray._private.authentication.authentication_utils import is_token_auth_enabl
 from test_cluster import _listening, _pids_with_marker
 import ray
 
+from cvae.localray import NO_DASHBOARD_LOGGERS
+
 ctx = init_ray(num_cpus=1, log_to_driver=False)
 assert ray.get(ray.remote(lambda: 1).remote()) == 1
+# Worker processes ran the setup hook that silences "State API unavailable" loggers.
+levels = ray.get(ray.remote(lambda: [__import__("logging").getLogger(n).level
+                                     for n in NO_DASHBOARD_LOGGERS]).remote())
 pids = _pids_with_marker(("CVAE_TEST_LOCAL=" + os.environ["CVAE_TEST_LOCAL"]).encode()) + [os.getpid()]
 print(json.dumps({"token": is_token_auth_enabled(), "gcs": ctx.address_info["gcs_address"],
-                  "listening": _listening(pids)}), flush=True)
+                  "listening": _listening(pids), "worker_log_levels": levels}), flush=True)
 sys.stdin.readline()  # hold the cluster until the test has tried to get in
 ray.shutdown()
 """
@@ -272,6 +278,7 @@ def test_local_ray_uses_token_auth_on_loopback_and_writes_no_token_file(tmp_path
         assert info["listening"], "found no listening sockets"
         assert all(addr in LOOPBACK for addr, _ in info["listening"]), info["listening"]
         assert info["gcs"].startswith("127.0.0.1:")
+        assert info["worker_log_levels"] and set(info["worker_log_levels"]) == {logging.ERROR}
         # Another process without the token, or with a wrong one, is turned away by the GCS.
         # (It must skip Ray's loopback-to-machine-address rewrite to reach the GCS at all.)
         for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64}):

@@ -71,7 +71,7 @@ def test_a_valid_config_round_trips(tmp_path):
     ({"train__cpus_per_worker": 2}, r"config\.num_cpus: 2 CPUs cannot hold train\.num_workers x train\.cpus_per_worker = 4"),
     ({"num_cpus": 0}, r"config\.num_cpus: must be > 0, got 0"),
     ({"seed": -1}, r"config\.seed: must be >= 0"),
-    ({"model__arch": "transformer"}, r"config\.model\.arch: must be one of mlp, conv, got 'transformer'"),
+    ({"model__arch": "transformer"}, r"config\.model\.arch: must be one of mlp, conv, sprite, got 'transformer'"),
     ({"data__generator": "import"}, r"config\.data\.official_path: required when generator is 'import'"),
     ({"data__generator": "import", "data__official_path": "/no/such/file.npz"},
      r"config\.data\.official_path: file not found: /no/such/file\.npz"),

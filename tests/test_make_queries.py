@@ -186,6 +186,42 @@ def test_sources_from_a_data_split(tmp_path):
         make_queries({"sources": {"split": "test"}, "interventions": [{"factor": "shape"}]}, tmp_path / "x")
 
 
+def test_values_range_over_the_sources_grid(tmp_path):
+    """all / other / random_other stay on the classes of the sources' grid: a split's
+    dataset grid, a grid source's strides; indices sources reach every class."""
+    from cvae.config import load_config
+    from cvae.shards import write_dataset
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                         {"data.num_shards": 2, "train.num_workers": 1})
+    strides = config.data.strides
+    assert strides.get("orientation", 1) > 1  # the test needs a reduced orientation axis
+    write_dataset(config, tmp_path / "data")
+    every = [{"factor": f, "values": mode} for f in FACTORS for mode in ("all", "other", "random_other")]
+    summary = make_queries({"sources": {"split": "test"}, "interventions": every},
+                           tmp_path / "split", data_dir=tmp_path / "data")
+    grid_summary = make_queries({"sources": {"grid": strides, "sample": 300}, "interventions": every},
+                                tmp_path / "grid")
+    for out, s in ((tmp_path / "split", summary), (tmp_path / "grid", grid_summary)):
+        table = _read(out)
+        do = _do(table)
+        factual = index_to_classes(table["source_index"].to_numpy(), with_color=False)
+        for i, f in enumerate(FACTORS):
+            classes = np.arange(0, FACTOR_SIZES[f], strides.get(f, 1))
+            rows = do[:, i] >= 0
+            assert set(np.unique(do[rows, i])) == set(classes), f
+            assert np.isin(factual[:, i], classes).all()
+        assert s["value_classes"] == {f: np.arange(0, FACTOR_SIZES[f], k).tolist()
+                                      for f, k in strides.items() if k > 1}
+    # The full range for indices, and none of it for a single-class axis.
+    make_queries({"sources": {"indices": [0, 1]}, "interventions": [{"factor": "orientation"}]},
+                 tmp_path / "idx")
+    assert len(np.unique(_do(_read(tmp_path / "idx"))[:, 2])) == 40
+    with pytest.raises(SpecError, match=r"interventions\[0\]\.values: the sources' grid has a single shape"):
+        make_queries({"sources": {"grid": {"shape": 3}}, "interventions": [{"factor": "shape", "values": "other"}]},
+                     tmp_path / "one")
+
+
 def test_the_engine_accepts_every_row(tmp_path):
     """The query module's own checks pass on generated rows: no error rows at all."""
     from cvae.queries import answer_queries, check_schema

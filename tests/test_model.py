@@ -2,13 +2,15 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from cvae.checkpoint import (
     CheckpointError, load_checkpoint, load_optimizer_state, save_checkpoint,
 )
-from cvae.model import SupervisedVAE
+from cvae.model import CANVAS, SupervisedVAE, one_hot
+from cvae.render import render, sprites
 
 
 def _batch(n=16, seed=0):
@@ -19,9 +21,9 @@ def _batch(n=16, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("arch,hidden", [("mlp", 32), ("conv", 256)])
+@pytest.mark.parametrize("arch,hidden", [("mlp", 32), ("conv", 256), ("sprite", 256)])
 def test_shapes_and_loss(arch, hidden):
-    model = SupervisedVAE(arch, z_dim=6, hidden=hidden)
+    model = SupervisedVAE(arch, z_dim=6, hidden=hidden, learn_translation=True)
     x, y = _batch()
     loc, scale = model.encode(x, y)
     assert loc.shape == scale.shape == (16, 6) and (scale > 0).all()
@@ -43,6 +45,37 @@ def test_a_few_adam_steps_lower_the_loss():
         model(x, y).backward()
         opt.step()
     assert model(x, y).item() < 0.5 * first
+
+
+def test_sprite_decoder_translates_exactly_as_the_renderer_places_shapes():
+    """A canvas holding a sprite, moved by the decoder's position maps, is the rendered
+    image at every position: positions are translations by construction."""
+    decoder = SupervisedVAE("sprite", z_dim=2).decoder
+    sprite_rows = sprites()
+    rng = np.random.default_rng(0)
+    classes = np.column_stack([rng.integers(0, n, 64) for n in (3, 6, 40, 32, 32)])
+    y = one_hot(torch.as_tensor(classes))
+    canvas = torch.zeros(64, CANVAS, CANVAS)
+    at = CANVAS // 2 - 16  # the sprite's centre pixel (16) on the canvas centre
+    for i, (shape, scale, orientation, _, _) in enumerate(classes):
+        canvas[i, at:at + 33, at:at + 33] = torch.as_tensor(sprite_rows[shape, scale, orientation])
+    with torch.no_grad():
+        decoder.background.fill_(0.0)
+        frames = decoder.place(canvas, y).view(-1, 64, 64)
+    assert torch.equal(frames, torch.as_tensor(render(classes)).float())
+
+
+def test_sprite_translation_is_frozen_unless_learned():
+    frozen = SupervisedVAE("sprite", z_dim=2)
+    learned = SupervisedVAE("sprite", z_dim=2, learn_translation=True)
+    assert not frozen.decoder.move_x.requires_grad and learned.decoder.move_x.requires_grad
+    assert frozen.spec() == {"arch": "sprite", "z_dim": 2, "hidden": 1000, "learn_translation": False}
+    x, y = _batch()
+    opt = torch.optim.Adam(frozen.parameters(), lr=1e-2)
+    before = frozen.decoder.move_y.clone()
+    frozen(x, y).backward()
+    opt.step()
+    assert torch.equal(frozen.decoder.move_y, before)
 
 
 def test_unknown_arch_is_refused():

@@ -5,12 +5,22 @@ temporary root; every file and folder under that root is fingerprinted before an
 and every difference must lie under the job's output folder. Inputs (the dataset, the
 checkpoint, the queries, the results) sit under the same root, so reading them must not
 touch them either, and staged copies of file:// inputs must be gone afterwards.
+
+Jobs that start a local Ray leave one thing beside their output: Ray's own session folder
+(logs, and the sockets while it runs) under $TMPDIR/ray, where Ray keeps it ($RAY_TMPDIR
+moves it). Training also imports torch._dynamo (through torch.optim), whose import creates
+an empty cache folder $TMPDIR/torchinductor_<user> ($TORCHINDUCTOR_CACHE_DIR moves it); it
+must stay empty, since nothing is compiled. Nothing else, and nothing in HOME or the
+working directory.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -36,29 +46,38 @@ def _snapshot(root: Path) -> dict[str, tuple]:
     return entries
 
 
-def _run(root: Path, out: Path, *args: str) -> None:
+def _run(root: Path, out: Path, *args: str, ray: bool = False) -> None:
+    tmp = Path(os.readlink(root / "tmp"))  # short: Ray's socket paths must fit in 107 bytes
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "MPLCONFIGDIR", "PYTEST", "XDG_"))}
-    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), PYTHONPATH=str(REPO))
-    before = _snapshot(root)
+    env.update(HOME=str(root / "home"), TMPDIR=str(tmp), PYTHONPATH=str(REPO))
+    before = {**_snapshot(root), **_snapshot(tmp)}
     done = subprocess.run([sys.executable, "-m", *args], cwd=root / "cwd", env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}\n{done.stderr}"
-    after = _snapshot(root)
+    after = {**_snapshot(root), **_snapshot(tmp)}
     changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
     # Folder mtimes are not compared (a new entry shows up by itself): every new, changed
     # or removed entry must be the output folder or lie inside it.
-    stray = sorted(p for p in changed if not (p == str(out) or p.startswith(str(out) + os.sep)))
+    inductor = tmp / f"torchinductor_{getpass.getuser()}"
+    allowed = [out] + ([tmp / "ray", inductor] if ray else [])
+    stray = sorted(p for p in changed
+                   if not any(p == str(a) or p.startswith(str(a) + os.sep) for a in allowed))
     assert not stray, f"{args[0]} wrote outside {out}: {stray}"
     assert any(p.startswith(str(out) + os.sep) for p in changed), f"{args[0]} wrote nothing to {out}"
-    assert not any((root / "tmp").iterdir()), f"{args[0]} left files in TMPDIR"
+    assert not inductor.exists() or not any(inductor.iterdir()), f"{args[0]} compiled into {inductor}"
+    left = [p.name for p in tmp.iterdir() if not (ray and p.name in ("ray", inductor.name))]
+    assert not left, f"{args[0]} left files in TMPDIR: {left}"
 
 
 @pytest.fixture
 def root(tmp_path):
-    for name in ("home", "tmp", "cwd", "in"):
+    for name in ("home", "cwd", "in"):
         (tmp_path / name).mkdir()
-    return tmp_path
+    tmp = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))  # TMPDIR, linked from the root
+    (tmp_path / "tmp").symlink_to(tmp)
+    yield tmp_path
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -95,3 +114,19 @@ def test_jobs_write_only_their_output_folders(root):
          "--queries", f"file://{root / 'in' / 'q'}", "--checkpoint", f"file://{ckpt}",
          "--out", str(report), "--figures-per-factor", "2", "--reversibility-samples", "4")
     assert (report / "report.json").is_file() and list((report / "figures").glob("*.png"))
+
+    # query: a local Ray and its actor pool, inputs as file:// URIs.
+    answers = root / "out-answers"
+    _run(root, answers, "jobs.query", "--checkpoint", f"file://{ckpt}",
+         "--queries", f"file://{root / 'in' / 'q'}", "--out", str(answers),
+         "--config", str(REPO / "configs" / "tiny.yaml"), ray=True)
+    assert (answers / "_SUCCESS.json").is_file()
+    assert pads.dataset(str(answers / "results"), format="parquet").count_rows() == table.num_rows
+
+
+@pytest.mark.slow
+def test_the_pipeline_writes_only_its_output_folder(root):
+    run = root / "out-run"
+    _run(root, run, "jobs.pipeline", "--config", str(REPO / "configs" / "tiny.yaml"),
+         "--out", str(run), ray=True)
+    assert (run / "eval" / "report.json").is_file()
