@@ -1,9 +1,11 @@
 """Counterfactual queries per second against this machine's compute roof, and peak memory.
 
-    python -m benchmarks.bench_query [--queries 20000] [--layouts 2x1,1x2] [--memory 100000,1000000]
+    python -m benchmarks.bench_query [--arch sprite] [--queries 20000] [--layouts 2x1,1x2]
+                                     [--memory 100000,1000000]
 
-Speed: the notebook's mlp (z 50, hidden 1000), one sample per counterfactual query, a
-randomly initialised checkpoint (speed does not depend on the weights):
+Speed: the model of --arch (default sprite, the configs' default; mlp is the notebook's,
+z 50, hidden 1000), one sample per counterfactual query, a randomly initialised
+checkpoint (speed does not depend on the weights):
 - in-process: `answer_queries` on one Arrow table (--in-process queries);
 - end to end: Parquet -> Ray Data actor pool -> Parquet (`run_query_job`, Ray already up),
   for each actor layout ACTORSxCPUS (CPUs = torch threads per actor). Two figures: the total
@@ -11,8 +13,9 @@ randomly initialised checkpoint (speed does not depend on the weights):
   the steady rate without start-up, measured as the marginal rate between that run and a
   run of --small queries: (N - n) / (T(N) - T(n)), the fixed start-up cost cancels out;
 each next to the roof: the FLOPs a counterfactual needs (one encoder pass, two decoder
-passes: abduction of U_x and prediction) divided by the float32 matmul FLOP/s torch reaches
-here on all cores. The machine may be shared, so the roof is measured right before and right
+passes: abduction of U_x and prediction; counted by torch's FlopCounterMode) divided by the
+float32 matmul FLOP/s torch reaches here on all cores. Convolutions reach less of that
+matmul rate than the mlp's matmuls, so conv models sit lower against this roof. The machine may be shared, so the roof is measured right before and right
 after each timed phase and the phase is compared with the mean of the two.
 
 Memory: the same job on files of N queries (a small network, so a million rows finish in
@@ -40,7 +43,7 @@ import torch
 from cvae.checkpoint import save_checkpoint
 from cvae.config import Config
 from cvae.engine import run_query_job
-from cvae.model import LABEL_DIM, NUM_PIXELS, SupervisedVAE
+from cvae.model import NUM_PIXELS, SupervisedVAE
 from cvae.queries import QUERY_SCHEMA, answer_queries
 from cvae.scm import FactorSCM, ImageSCM
 
@@ -55,17 +58,23 @@ def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def counterfactual_flops(z: int, h: int) -> float:
-    encoder = (NUM_PIXELS + LABEL_DIM) * h + h * h + 2 * h * z
-    decoder = (z + LABEL_DIM) * h + 2 * h * h + h * NUM_PIXELS
-    return 2.0 * (encoder + 2 * decoder)
+def counterfactual_flops(model: SupervisedVAE, rows: int = 256) -> float:
+    """FLOPs of one counterfactual: an encoder pass and two decoder passes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = torch.zeros(rows, NUM_PIXELS), torch.zeros(rows, 5, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loc, _ = model.encode(x, y)
+        model.decode(loc, y)
+        model.decode(loc, y)
+    return counter.get_total_flops() / rows
 
 
-def checkpoint(directory: Path, z: int, h: int) -> str:
+def checkpoint(directory: Path, z: int, h: int, arch: str = "mlp") -> str:
     config = Config()
-    config.model.z_dim, config.model.hidden = z, h
+    config.model.arch, config.model.z_dim, config.model.hidden = arch, z, h
     torch.manual_seed(0)
-    save_checkpoint(directory, SupervisedVAE("mlp", z, h),
+    save_checkpoint(directory, SupervisedVAE(arch, z, h),
                     {"config": config.to_dict(), "manifest": {"generator": "render"}, "epoch": 0,
                      "metrics": {}, "scm": FactorSCM.uniform().to_dict()})
     return str(directory)
@@ -161,6 +170,7 @@ class PeakMemory:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sprite", choices=("mlp", "conv", "sprite"))
     parser.add_argument("--in-process", type=int, default=4000, help="queries for the in-process figure")
     parser.add_argument("--queries", type=int, default=20000, help="queries of the end-to-end run")
     parser.add_argument("--small", type=int, default=2000, help="queries of the run that measures start-up")
@@ -172,7 +182,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_query_"))
     figures = {}
-    per_query = counterfactual_flops(50, 1000)
+    per_query = counterfactual_flops(SupervisedVAE(args.arch, 50, 1000).eval())
+    print(f"model {args.arch} (z 50): {per_query / 1e6:.1f} MFLOP per counterfactual", flush=True)
     figures["flops_per_query_m"] = per_query / 1e6
 
     def timed(name: str, queries: int, fn) -> float:
@@ -190,7 +201,7 @@ def main() -> None:
               f"{per_query / 1e6:.1f} MFLOP)", flush=True)
         return seconds
 
-    ckpt = checkpoint(work / "ckpt", 50, 1000)
+    ckpt = checkpoint(work / "ckpt", 50, 1000, args.arch)
     scm = ImageSCM.from_checkpoint(ckpt, device="cpu")
     table = counterfactual_queries(args.in_process)
     answer_queries(scm, table.slice(0, 64))  # warm up

@@ -77,6 +77,9 @@ class ModelConfig:
 
     def validate(self, where: str) -> None:
         _one_of(self.arch, ("mlp", "conv", "sprite"), f"{where}.arch")
+        if self.learn_translation and self.arch != "sprite":
+            raise ConfigError(f"{where}.learn_translation: only arch sprite has position maps "
+                              f"to learn, got arch {self.arch!r}")
         _positive(self.z_dim, f"{where}.z_dim")
         _positive(self.hidden, f"{where}.hidden")
 

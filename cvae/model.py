@@ -85,22 +85,31 @@ class ConvEncoder(nn.Module):
         return self.loc(h), F.softplus(self.scale(h)) + 1e-4
 
 
+def burgess_fc(in_dim: int, side: int) -> nn.Sequential:
+    """The transposed encoder's dense part: in_dim -> 256 -> 256 -> 32 x side x side."""
+    return nn.Sequential(
+        nn.Linear(in_dim, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 32 * side * side), nn.ReLU(),
+    )
+
+
+def burgess_upsampler(doublings: int) -> nn.Sequential:
+    """4x4 stride-2 transposed convs of 32 channels, each doubling the side; one output map."""
+    layers: list[nn.Module] = []
+    for i in range(doublings):
+        last = i == doublings - 1
+        layers += [nn.ConvTranspose2d(32, 1 if last else 32, 4, 2, 1)] + ([] if last else [nn.ReLU()])
+    return nn.Sequential(*layers)
+
+
 class ConvDecoder(nn.Module):
     """The transpose of ConvEncoder: (z, labels) -> 256 -> 256 -> 32x4x4 -> 64x64 logits."""
 
     def __init__(self, z_dim: int, hidden: int = 256):
         super().__init__()
-        self.fc = nn.Sequential(
-            nn.Linear(z_dim + LABEL_DIM, 256), nn.ReLU(),
-            nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 32 * 4 * 4), nn.ReLU(),
-        )
-        self.deconvs = nn.Sequential(
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 1, 4, 2, 1),
-        )
+        self.fc = burgess_fc(z_dim + LABEL_DIM, 4)
+        self.deconvs = burgess_upsampler(4)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, y], dim=1)).view(-1, 32, 4, 4)
@@ -135,16 +144,8 @@ class SpriteDecoder(nn.Module):
 
     def __init__(self, z_dim: int, hidden: int = 256, learn_translation: bool = False):
         super().__init__()
-        self.fc = nn.Sequential(
-            nn.Linear(z_dim + SHAPE_DIM, 256), nn.ReLU(),
-            nn.Linear(256, 256), nn.ReLU(),
-            nn.Linear(256, 32 * 6 * 6), nn.ReLU(),
-        )
-        self.deconvs = nn.Sequential(
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 1, 4, 2, 1),
-        )
+        self.fc = burgess_fc(z_dim + SHAPE_DIM, 6)
+        self.deconvs = burgess_upsampler(3)  # 6 -> 48
         self.background = nn.Parameter(torch.tensor(-5.0))
         # Parameters either way (DDP syncs a buffer every step, a frozen parameter once).
         self.move_x = nn.Parameter(translation(FACTOR_SIZES["pos_x"]), learn_translation)

@@ -72,6 +72,8 @@ def test_a_valid_config_round_trips(tmp_path):
     ({"num_cpus": 0}, r"config\.num_cpus: must be > 0, got 0"),
     ({"seed": -1}, r"config\.seed: must be >= 0"),
     ({"model__arch": "transformer"}, r"config\.model\.arch: must be one of mlp, conv, sprite, got 'transformer'"),
+    ({"model__learn_translation": True}, r"config\.model\.learn_translation: only arch sprite has position maps"),
+    ({"model__learn_translation": "yes"}, r"config\.model\.learn_translation: expected bool, got str"),
     ({"data__generator": "import"}, r"config\.data\.official_path: required when generator is 'import'"),
     ({"data__generator": "import", "data__official_path": "/no/such/file.npz"},
      r"config\.data\.official_path: file not found: /no/such/file\.npz"),

@@ -113,6 +113,24 @@ def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
     assert reconstruction_nats(model, test) < reconstruction_nats(SupervisedVAE(**model.spec()), test)
 
 
+def test_two_workers_train_the_sprite_model_with_its_translation_fixed(ray_session, tiny_data, tmp_path):
+    """The default architecture under DDP: the frozen position maps stay exactly the
+    one-pixel translations (DDP syncs nothing into them) and the model learns."""
+    from cvae.model import translation
+
+    config = load_config(CONFIG, {"model.arch": "sprite", "train.num_workers": 2, "train.epochs": 2,
+                                  "train.lr": 3e-3})
+    result = run_training(config, tiny_data, tmp_path, run_name="sprite")
+    model = check_checkpoint(result.latest_checkpoint, 2)
+    assert model.spec() == {"arch": "sprite", "z_dim": 8, "hidden": 64, "learn_translation": False}
+    assert torch.equal(model.decoder.move_x, translation(32))
+    assert torch.equal(model.decoder.move_y, translation(32))
+    test = load_split(tiny_data, "test", limit=64)
+    torch.manual_seed(123)
+    untrained = SupervisedVAE(**model.spec()).eval()
+    assert reconstruction_nats(model, test) < 0.5 * reconstruction_nats(untrained, test)
+
+
 def test_job_reports_bad_input_without_a_traceback(tmp_path, capsys):
     from jobs.train import main
 
