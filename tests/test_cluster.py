@@ -48,6 +48,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _worker_port_range(taken: list[int], size: int = 200) -> int:
+    """The first port of `size` + 1 worker ports that holds none of `taken`: the kernel's
+    free ports may fall anywhere, and Ray refuses a component port inside the range."""
+    for start in [p + 1 for p in sorted(taken)] + [20000]:
+        end = start + size
+        if end <= 65535 and not any(start <= p <= end for p in taken):
+            return start
+    raise RuntimeError(f"no {size + 1}-port range free of {taken}")
+
+
 def _pids_with_marker(marker: bytes) -> list[int]:
     """Processes whose environment holds `marker` (inherited by every process Ray starts)."""
     pids = []
@@ -113,7 +123,9 @@ def token_head():
     home.mkdir(parents=True)
     token = secrets.token_hex(32)
     marker = f"CVAE_TEST_HEAD={root.name}"
-    (gcs, dashboard, client, nm, om, agent, agent_grpc, rt_env, metrics, wmin) = _free_ports(10)
+    ports = _free_ports(9)
+    (gcs, dashboard, client, nm, om, agent, agent_grpc, rt_env, metrics) = ports
+    wmin = _worker_port_range(ports)
     env = {
         **os.environ,
         "HOME": str(home),
@@ -136,8 +148,6 @@ def token_head():
         f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 200}",
         "--num-cpus=2", f"--temp-dir={root / 'ray'}", "--disable-usage-stats",
     ]
-    if wmin + 200 > 65535:  # a free port near the top: move the worker range below it
-        cmd[-4:-2] = ["--min-worker-port=20000", "--max-worker-port=20200"]
     info = {"root": root, "token": token, "address": f"http://127.0.0.1:{dashboard}",
             "marker": marker.encode(), "home": home}
     try:
