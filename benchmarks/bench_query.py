@@ -15,8 +15,9 @@ checkpoint (speed does not depend on the weights):
 each next to the roof: the FLOPs a counterfactual needs (one encoder pass, two decoder
 passes: abduction of U_x and prediction; counted by torch's FlopCounterMode) divided by the
 float32 matmul FLOP/s torch reaches here on all cores. Convolutions reach less of that
-matmul rate than the mlp's matmuls, so conv models sit lower against this roof. The machine may be shared, so the roof is measured right before and right
-after each timed phase and the phase is compared with the mean of the two.
+matmul rate than the mlp's matmuls, so conv models sit lower against this roof. The machine
+may be shared, so the roof is measured right before and right after each timed phase and
+the phase is compared with the mean of the two.
 
 Memory: the same job on files of N queries (a small network, so a million rows finish in
 minutes: what grows with N is the data, not the model); peak of the summed proportional set

@@ -47,8 +47,7 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> f
     """Images/s of a plain PyTorch loop: one process, the config's threads per worker."""
     torch.set_num_threads(config.train.threads_per_worker)
     torch.manual_seed(config.seed)
-    model = SupervisedVAE(config.model.arch, config.model.z_dim, config.model.hidden,
-                          config.model.learn_translation)
+    model = SupervisedVAE.from_config(config.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
                          seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=False)

@@ -47,11 +47,18 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict,
 
 
 def load_meta(directory: str | Path) -> dict:
-    path = Path(directory) / META
-    if not path.is_file():
-        raise CheckpointError(f"not a checkpoint: {path} is missing")
+    """The checkpoint's JSON, from a local folder or a URI that pyarrow's filesystems handle."""
+    from cvae import fs
+
+    path = fs.join(directory, META)
     try:
-        return json.loads(path.read_text())
+        text = fs.read_bytes(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"not a checkpoint: {path} is missing") from None
+    except (ValueError, OSError) as exc:  # an unknown scheme, no access
+        raise CheckpointError(f"not a checkpoint: {path}: {exc}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
 

@@ -105,23 +105,6 @@ def inspect_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str], int, 
     return fs, files, rows, duplicates
 
 
-def check_checkpoint(checkpoint: str | Path) -> dict:
-    """The checkpoint's meta, read through its filesystem: a missing or broken checkpoint fails
-    here, in the driver, not in every actor."""
-    from cvae.checkpoint import META, CheckpointError, load_meta
-
-    if not cfs.is_uri(checkpoint):
-        return load_meta(checkpoint)
-    try:
-        text = cfs.read_bytes(cfs.join(checkpoint, META))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise CheckpointError(f"not a checkpoint: {cfs.join(checkpoint, META)}: {exc}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfs.join(checkpoint, META)}: not valid JSON: {exc}") from None
-
-
 class QueryActor:
     """Holds one ImageSCM (loaded once per actor) and answers a batch per call."""
 
@@ -186,10 +169,14 @@ class AtomicParquetSink(Datasink):
     node of a cluster write to the same shared or object storage as the driver.
     """
 
-    def __init__(self, out_dir: str | Path, run_id: str | None = None):
+    def __init__(self, out_dir: str | Path, run_id: str | None = None, about: dict | None = None,
+                 started: float | None = None):
+        """`about`: fields the summary (_SUCCESS.json) carries besides the row counts;
+        `started`: the job's start time, for its `seconds`."""
         self.fs, self.out = cfs.resolve(out_dir)
         self.out = self.out.rstrip("/")
         self.staging = f"{self.out}/{STAGING_PREFIX}{run_id or uuid.uuid4().hex}"
+        self.about, self.started = dict(about or {}), started
         self.summary: dict = {}
 
     def on_write_start(self, schema=None) -> None:
@@ -234,7 +221,10 @@ class AtomicParquetSink(Datasink):
             counts[name.split("/")[0]] += rows
         self.summary = {"result_rows": counts["results"], "error_rows": counts["errors"],
                         "result_files": sum(n.startswith("results/") for n, _ in reported),
-                        "error_files": sum(n.startswith("errors/") for n, _ in reported)}
+                        "error_files": sum(n.startswith("errors/") for n, _ in reported),
+                        **self.about}
+        if self.started is not None:
+            self.summary["seconds"] = round(time.time() - self.started, 3)
         commit(self.fs, self.staging, self.out, self.summary)
 
     def on_write_failed(self, error: Exception) -> None:
@@ -278,13 +268,18 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     """
     import ray
 
+    from cvae.checkpoint import load_meta
+
     started = time.time()
-    check_checkpoint(checkpoint_dir)
+    load_meta(checkpoint_dir)  # a missing or broken checkpoint fails here, not in every actor
     fs, files, rows, duplicates = inspect_queries(queries_path)
     # Actors may run on other nodes: give them an absolute path (or the URI as is).
     checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
     try:
-        sink = AtomicParquetSink(out_dir)
+        # on_write_complete runs here in the driver, so the sink's summary is the job's.
+        sink = AtomicParquetSink(out_dir, about={"queries": rows, "duplicate_ids": len(duplicates)},
+                                 started=started)
+        sink.about["out"] = str(out_dir) if cfs.is_uri(out_dir) else sink.out
     except ValueError as exc:
         raise OutputLocationError(f"output {out_dir}: {exc}") from None
     # The actors must leave a CPU for Ray Data's read and write tasks: with every CPU held
@@ -314,14 +309,7 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
         num_cpus=cpus_per_actor,
     )
     ds.write_datasink(sink)
-    out_fs, out = sink.fs, sink.out
-    with out_fs.open_input_stream(f"{out}/{SUCCESS}") as fh:
-        summary = json.loads(fh.read())
-    summary.update({"queries": rows, "duplicate_ids": len(duplicates),
-                    "seconds": round(time.time() - started, 3),
-                    "out": str(out_dir) if cfs.is_uri(out_dir) else out})
-    write_marker(out_fs, out, summary)
-    return summary
+    return sink.summary
 
 
 def read_output(out_dir: str | Path) -> tuple[pa.Table, pa.Table]:

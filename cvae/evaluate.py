@@ -352,7 +352,7 @@ def _reversal_queries(table: pa.Table, rows: np.ndarray, cf: np.ndarray, factual
     return pa.table(cols)
 
 
-def _reversibility(scm, pool: list, truth, holdout: list, groups: dict, max_samples: int,
+def _reversibility(scm, pool: dict, truth, holdout: list, groups: dict, max_samples: int,
                    refused: dict) -> None:
     from cvae.queries import answer_queries
 

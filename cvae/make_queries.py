@@ -53,8 +53,8 @@ SPLITS = ("train", "test", "holdout")
 VALUE_MODES = ("all", "other", "random_other", "factual")
 # Rows built per chunk: bounds memory independently of the size of the set.
 CHUNK_ROWS = 262_144
-MAX_SAMPLES = 1_000_000
-_DO_CODES = int(np.prod([FACTOR_SIZES[f] + 1 for f in FACTORS]))  # distinct do vectors, null included  # a sanity bound; the query engine caps num_samples itself
+MAX_SAMPLES = 1_000_000  # a sanity bound; the query engine caps num_samples itself
+_DO_CODES = int(np.prod([FACTOR_SIZES[f] + 1 for f in FACTORS]))  # distinct do vectors, null included
 
 QUERY_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("kind", pa.string()), ("source_index", pa.int64()),
@@ -209,9 +209,7 @@ def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None)
     if "indices" in sources:
         idx = np.sort(np.asarray(sources["indices"], dtype=np.int64))
     elif "split" in sources:
-        if data_dir is None:
-            raise SpecError(f"spec.sources.split: needs the data directory (--data) to read split {sources['split']!r}")
-        idx = np.sort(split_indices(data_dir, sources["split"]))
+        idx = np.sort(split_indices(_split_data(sources, data_dir), sources["split"]))
     else:
         idx = grid_indices(sources["grid"])
     if "filter" in sources:
@@ -225,13 +223,20 @@ def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None)
     return idx
 
 
+def _split_data(sources: dict, data_dir: str | Path | None) -> str | Path:
+    """The data directory that split sources need, or a SpecError saying so."""
+    if data_dir is None:
+        raise SpecError(f"spec.sources.split: needs the data directory (--data) to read split {sources['split']!r}")
+    return data_dir
+
+
 def value_classes(sources: dict, data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """The classes `all`, `other` and `random_other` range over, per factor: those of the
     sources' grid (see the module docstring)."""
     if "split" in sources:
         from cvae.shards import MANIFEST, read_manifest
 
-        with fs.staged(data_dir, only=[MANIFEST]) as local:
+        with fs.staged(_split_data(sources, data_dir), only=[MANIFEST]) as local:
             strides = read_manifest(local)["grid"]["strides"]
     else:
         strides = sources.get("grid", {})
@@ -363,11 +368,13 @@ def _rows_per_source(spec: dict) -> int:
     return total
 
 
-def iter_query_tables(spec: dict, data_dir: str | Path | None = None) -> Iterator[pa.Table]:
-    """Yield the query set as Arrow tables of at most about CHUNK_ROWS rows each."""
+def iter_query_tables(spec: dict, data_dir: str | Path | None = None,
+                      domain: dict[str, np.ndarray] | None = None) -> Iterator[pa.Table]:
+    """Yield the query set as Arrow tables of at most about CHUNK_ROWS rows each
+    (`domain`: value_classes of the spec's sources, if the caller already has them)."""
     spec = validate_spec(spec)
     src = source_indices(spec["sources"], spec["seed"], data_dir)
-    domain = value_classes(spec["sources"], data_dir)
+    domain = domain if domain is not None else value_classes(spec["sources"], data_dir)
     for i, entry in enumerate(spec["interventions"]):
         if entry.get("values") in ("other", "random_other") and len(domain[entry["factor"]]) < 2:
             raise SpecError(f"spec.interventions[{i}].values: the sources' grid has a single "
@@ -401,7 +408,8 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
                 writer = None
 
         num_sources = 0
-        for table in iter_query_tables(spec, data_dir):
+        domain = value_classes(spec["sources"], data_dir)
+        for table in iter_query_tables(spec, data_dir, domain):
             num_sources += len(pc.unique(table["source_index"]))
             _count_by_factor(table, per_factor)
             offset = 0
@@ -415,8 +423,7 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
                 writer.write_table(table.slice(offset, take))
                 offset, in_file, rows = offset + take, in_file + take, rows + take
         close()
-        reduced = {f: c.tolist() for f, c in value_classes(spec["sources"], data_dir).items()
-                   if len(c) < FACTOR_SIZES[f]}
+        reduced = {f: c.tolist() for f, c in domain.items() if len(c) < FACTOR_SIZES[f]}
         summary = {"num_queries": rows, "num_sources": num_sources, "files": files,
                    "queries_by_factor": per_factor, "value_classes": reduced, "spec": spec,
                    "out": str(out_dir)}

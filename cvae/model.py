@@ -195,6 +195,11 @@ class SupervisedVAE(nn.Module):
         self.to(memory_format=torch.channels_last)  # conv weights as NHWC (see channels_last)
         self.elbo = Trace_ELBO()
 
+    @classmethod
+    def from_config(cls, model) -> "SupervisedVAE":
+        """A fresh module for a config's `model` section (cvae.config.ModelConfig)."""
+        return cls(model.arch, model.z_dim, model.hidden, model.learn_translation)
+
     def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """p(z) = N(0, I); p(x | y, z) = Bernoulli(sigmoid(decoder(z, y))) per pixel."""
         with pyro.plate("data", x.shape[0]):

@@ -102,7 +102,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
             "report table": fs.join(eval_dir, "report.md"),
         },
         # The loss of the model the answers came from (a late spike is not evaluated).
-        "best epoch": _best_epoch(training.history),
+        "best epoch": _best_epoch(training.best_metrics),
         "answers": {k: answers.get(k) for k in ("results", "errors", "queries", "seconds")},
         "overall": report.get("overall"),
     }
@@ -111,13 +111,11 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     return summary
 
 
-def _best_epoch(history: list[dict]) -> dict | None:
-    """The epoch record with the lowest test loss: the one the best checkpoint holds."""
-    scored = [r for r in history if r.get("test_loss") is not None]
-    if not scored:
+def _best_epoch(metrics: dict) -> dict | None:
+    """The best checkpoint's losses, or None when no epoch was evaluated on a test split."""
+    if metrics.get("test_loss") is None:
         return None
-    best = min(scored, key=lambda r: (r["test_loss"], -r["epoch"]))
-    return {k: best.get(k) for k in ("epoch", "train_loss", "test_loss", "holdout_loss")}
+    return {k: metrics.get(k) for k in ("epoch", "train_loss", "test_loss", "holdout_loss")}
 
 
 def _durations(stages: dict[str, float], end: float) -> dict[str, float]:

@@ -51,6 +51,7 @@ class TrainingResult:
     latest_checkpoint: str  # the last epoch's checkpoint (what a rerun resumes from)
     history: list[dict] = field(default_factory=list)  # one record per epoch, in order
     files: dict[str, str] = field(default_factory=dict)  # metrics and figure paths
+    best_metrics: dict = field(default_factory=dict)  # the epoch record the best checkpoint holds
 
 
 # ---------------------------------------------------------------- on each worker
@@ -93,7 +94,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
     device = ray.train.torch.get_device()
 
     torch.manual_seed(config.seed)  # identical initial weights on every worker
-    model = SupervisedVAE(**_model_spec(config))
+    model = SupervisedVAE.from_config(config.model)
     optimizer_state, start_epoch, history, attempt = None, 1, [], 0
     resume_dir = _resume_checkpoint(loop_config)
     if resume_dir is not None:
@@ -334,7 +335,7 @@ def _prune_local(run_dir: Path, keep: int) -> None:
 
 
 def _score_key(metrics: dict) -> tuple[int, float, int]:
-    """Sort key: evaluated checkpoints by test loss, then the rest; ties to the later (cvae.pipeline._best_epoch agrees)."""
+    """Sort key: evaluated checkpoints by test loss, then the rest; ties to the later."""
     value = metrics.get(SCORE)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return (1, 0.0, -metrics["epoch"])
@@ -428,7 +429,7 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     if not kept:
         raise RuntimeError(f"training under {run_dir} produced no checkpoint")
     latest, latest_meta = max(kept, key=lambda cm: cm[1]["epoch"])
-    best = min(kept, key=lambda cm: _score_key(cm[1]["metrics"]))[0]
+    best, best_meta = min(kept, key=lambda cm: _score_key(cm[1]["metrics"]))
     history = latest_meta["history"]
     with fs.local_output(out) as local_out:
         files = write_metrics(local_out, history)
@@ -442,7 +443,7 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     def where(checkpoint) -> str:
         return fs.join(run_dir, Path(checkpoint.path).name) if remote else checkpoint.path
 
-    return TrainingResult(run_dir, where(best), where(latest), history, files)
+    return TrainingResult(run_dir, where(best), where(latest), history, files, best_meta["metrics"])
 
 
 def _split_counts(manifest: dict) -> dict[str, int]:
@@ -456,14 +457,6 @@ def _parse_kill_at(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise ConfigError(f"{KILL_ENV}={text!r}: expected EPOCH:STEP:RANK, e.g. 2:3:1") from None
     return epoch, step, rank
-
-
-def _model_spec(config: Config) -> dict:
-    m = config.model
-    spec = {"arch": m.arch, "z_dim": m.z_dim, "hidden": m.hidden}
-    if m.arch == "sprite":  # the same keys as SupervisedVAE.spec()
-        spec["learn_translation"] = m.learn_translation
-    return spec
 
 
 def _json_safe(value):
