@@ -15,7 +15,7 @@ import time
 from cvae.config import load_config
 from cvae.grid import factor_classes
 from cvae.reader import ShardReader, load_split
-from cvae.render import count_duplicates, render, sprites
+from cvae.render import count_duplicates, render, warm_up
 from cvae.shards import verify_dataset, write_dataset
 
 
@@ -40,8 +40,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs (shared machine: figures are noisy)")
 
     t = time.perf_counter()
-    sprites()
-    print(f"sprites (720, drawn once): {time.perf_counter() - t:.2f} s")
+    warm_up()
+    print(f"sprite tiles (720 x 961 sub-pixel phases, drawn once): {time.perf_counter() - t:.2f} s")
     t = time.perf_counter()
     for start in range(0, len(classes), 65536):
         render(classes[start:start + 65536])
@@ -77,12 +77,22 @@ def main() -> None:
     dup = count_duplicates(classes)
     print(f"duplicate images in the grid: {dup['duplicates']:,} of {dup['images']:,} "
           f"({dup['distinct']:,} distinct; counted in {time.perf_counter() - t:.1f} s)")
-    s = sprites().reshape(3, 6, 40, -1)
-    wrap = int((s[:, :, 0] == s[:, :, -1]).all(axis=-1).sum())
-    distinct = len({row.tobytes() for row in s.reshape(720, -1)})
-    print(f"  of the 720 (shape, scale, orientation) sprites, {720 - distinct} repeat an earlier one: "
-          f"{wrap} are orientation 2π == 0, the others squares about a quarter turn apart "
-          f"that rasterise alike; each repeated sprite repeats its 1,024 positions")
+    for axis, name in [(1, "scale"), (2, "orientation"), (3, "pos_x"), (4, "pos_y")]:
+        print(f"  {name} steps that leave the image unchanged: "
+              f"{unchanged_steps(classes, axis):,}")
+
+
+def unchanged_steps(classes, axis: int, batch: int = 65536) -> int:
+    """How many single steps up one factor's classes leave the image as it was."""
+    base = classes[classes[:, axis] < classes[:, axis].max()]
+    same = 0
+    for start in range(0, len(base), batch):
+        rows = base[start:start + batch]
+        step = rows.copy()
+        step[:, axis] += 1
+        same += int((render(rows) == render(step)).all(axis=(1, 2)).sum())
+    return same
+
 
 if __name__ == "__main__":
     main()

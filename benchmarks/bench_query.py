@@ -46,6 +46,7 @@ from cvae.config import Config
 from cvae.engine import run_query_job
 from cvae.model import NUM_PIXELS, SupervisedVAE
 from cvae.queries import QUERY_SCHEMA, answer_queries
+from cvae.render import RENDERER_VERSION
 from cvae.scm import FactorSCM, ImageSCM
 
 
@@ -76,7 +77,8 @@ def checkpoint(directory: Path, z: int, h: int, arch: str = "mlp") -> str:
     config.model.arch, config.model.z_dim, config.model.hidden = arch, z, h
     torch.manual_seed(0)
     save_checkpoint(directory, SupervisedVAE(arch, z, h),
-                    {"config": config.to_dict(), "manifest": {"generator": "render"}, "epoch": 0,
+                    {"config": config.to_dict(),
+                     "manifest": {"generator": "render", "renderer": RENDERER_VERSION}, "epoch": 0,
                      "metrics": {}, "scm": FactorSCM.uniform().to_dict()})
     return str(directory)
 

@@ -70,14 +70,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | conv | sprite
+    arch: str = "sprite"  # sprite | conv | mlp (the original notebook's networks)
     z_dim: int = 50
     hidden: int = 1000  # width of the mlp's hidden layers
-    learn_translation: bool = False  # sprite: learn the position maps (official data)
+    # sprite only: learn the position maps (the default, null) or freeze them (false) at
+    # their whole-pixel starting guess
+    learn_translation: Optional[bool] = None
 
     def validate(self, where: str) -> None:
         _one_of(self.arch, ("mlp", "conv", "sprite"), f"{where}.arch")
-        if self.learn_translation and self.arch != "sprite":
+        if self.learn_translation is not None and self.arch != "sprite":
             raise ConfigError(f"{where}.learn_translation: only arch sprite has position maps "
                               f"to learn, got arch {self.arch!r}")
         _positive(self.z_dim, f"{where}.z_dim")

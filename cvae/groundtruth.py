@@ -11,7 +11,7 @@ import numpy as np
 
 from cvae.errors import DataError
 from cvae.grid import NUM_IMAGES, index_to_classes
-from cvae.render import render
+from cvae.render import RENDERER_VERSION, render
 
 
 class GroundTruth:
@@ -31,6 +31,12 @@ class GroundTruth:
         if generator == "import":
             return cls("import", manifest.get("official_path"))
         if generator in ("render", "scm"):  # scm samples classes; their images are rendered
+            drawn_by = manifest.get("renderer", 1)
+            if drawn_by != RENDERER_VERSION:
+                raise DataError(
+                    f"manifest: the dataset was drawn by renderer version {drawn_by}, this cvae "
+                    f"draws version {RENDERER_VERSION} (official dSprites geometry), so its "
+                    "ground truth differs; prepare the data again and retrain")
             return cls("render")
         raise DataError(f"manifest: unknown generator {generator!r}")
 
@@ -42,6 +48,15 @@ class GroundTruth:
         self._rows = np.argsort(index, kind="stable")
         self._sorted_index = index[self._rows]
         self._imgs = official.imgs
+
+    def indices(self) -> np.ndarray:
+        """The official indices this ground truth has an image for, ascending: the whole
+        grid when rendered, the file's rows when imported."""
+        if self.generator == "render":
+            return np.arange(NUM_IMAGES, dtype=np.int64)
+        if self._imgs is None:
+            self._load()
+        return self._sorted_index.copy()
 
     def images(self, indices: np.ndarray) -> np.ndarray:
         """(n,) official indices -> (n, 64, 64) uint8 0/1 images."""

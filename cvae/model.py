@@ -128,10 +128,11 @@ SHAPE_DIM = FACTOR_SIZES["shape"] + FACTOR_SIZES["scale"] + FACTOR_SIZES["orient
 
 
 def translation(num_positions: int) -> torch.Tensor:
-    """(num_positions, 64, CANVAS) 0/1 matrices: at position class k, frame row r reads
-    canvas row r - k + CANVAS // 2 - 16, so each class step moves the shape one pixel and
-    the canvas centre lands on frame pixels 16..47, the centres dSprites positions span.
-    Frame rows the canvas does not reach read nothing (the background)."""
+    """(num_positions, 64, CANVAS) 0/1 matrices, the position maps' starting guess: at
+    position class k, frame row r reads canvas row r - k + CANVAS // 2 - 16, so each class
+    step moves the shape one whole pixel and the canvas centre lands on frame pixels 16..47.
+    Official dSprites steps 32/31 pixel, so this guess is up to a pixel off and the maps
+    are learned from there. Frame rows the canvas does not reach read nothing."""
     frame = torch.arange(IMAGE_SIZE).view(1, -1, 1)
     canvas = torch.arange(CANVAS).view(1, 1, -1)
     k = torch.arange(num_positions).view(-1, 1, 1)
@@ -142,14 +143,17 @@ class SpriteDecoder(nn.Module):
     """Draws the shape from (z, shape, scale, orientation) on a 48x48 canvas with the
     conv decoder's layers, then moves it into the 64x64 frame:
     frame = T_y[posY] (canvas - b) T_x[posX]^T + b, with one linear map T per position
-    class and a learned background logit b. Position is a translation by construction,
-    so the canvas network never has to learn each shape again at every position.
+    class and a learned background logit b. Position acts on the canvas as a linear map
+    of rows and columns, so the canvas network never has to learn each shape again at
+    every position.
 
-    T is the one-pixel translation per class step that rendered dSprites makes, fixed
-    (exact, and it trains fastest); `learn_translation` makes the maps parameters that
-    start there, for images whose position steps are not whole pixels (official data)."""
+    What each position class does is learned from data: the maps are parameters that start
+    from a guess of whole-pixel steps (`translation`) and are fitted with the rest of the
+    network, so they can learn sub-pixel steps (official dSprites moves 32/31 pixel per
+    class) and whatever else the data's positions do. `learn_translation=False` freezes
+    them at the guess (the comparison in the README; checkpoints of older versions)."""
 
-    def __init__(self, z_dim: int, hidden: int = 256, learn_translation: bool = False):
+    def __init__(self, z_dim: int, hidden: int = 256, learn_translation: bool = True):
         super().__init__()
         self.fc = burgess_fc(z_dim + SHAPE_DIM, 6)
         self.deconvs = burgess_upsampler(3)  # 6 -> 48
@@ -181,8 +185,8 @@ ARCHITECTURES = {
 
 
 class SupervisedVAE(nn.Module):
-    def __init__(self, arch: str = "mlp", z_dim: int = 50, hidden: int = 1000,
-                 learn_translation: bool = False):
+    def __init__(self, arch: str = "sprite", z_dim: int = 50, hidden: int = 1000,
+                 learn_translation: bool = True):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
@@ -198,7 +202,8 @@ class SupervisedVAE(nn.Module):
     @classmethod
     def from_config(cls, model) -> "SupervisedVAE":
         """A fresh module for a config's `model` section (cvae.config.ModelConfig)."""
-        return cls(model.arch, model.z_dim, model.hidden, model.learn_translation)
+        learn = True if model.learn_translation is None else model.learn_translation
+        return cls(model.arch, model.z_dim, model.hidden, learn)
 
     def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """p(z) = N(0, I); p(x | y, z) = Bernoulli(sigmoid(decoder(z, y))) per pixel."""

@@ -1,92 +1,165 @@
-"""A procedural dSprites renderer: square, ellipse and heart on a binary 64x64 frame.
+"""A procedural dSprites renderer that draws the official images: square, ellipse and heart
+on a binary 64x64 frame.
 
-Each (shape, scale, orientation) is rasterised once into a 33x33 sprite (720 sprites):
-a pixel is on when its centre lies in the exact shape, which keeps squares' corners crisp.
-A position is an integer pixel offset of that sprite (32 offsets = 32 one-pixel steps),
-so rendering any rows of the grid is a gather of 64x64 windows from padded sprites:
-no geometry per image, and every posX / posY step moves the shape by exactly one pixel.
+Geometry, fitted to official frames (`benchmarks/fit_renderer.py`, checked by
+`benchmarks/bench_fidelity.py`), in pixel units with pixel (r, c) centred at (c, r):
 
-Geometry, in pixels: a shape rotates about its centre, which sits at pixel 16 of its
-sprite; its circumradius about that centre is 15.5 * scale, so it stays inside the sprite
-(and the frame) at every orientation. Orientation 2π is reduced to 0, so the first and
-last orientation classes give identical images, as in the official data.
+- position: the shape's centre is at 15.5 + 32/31 * class (pos_x: column, moving right;
+  pos_y: row, moving down), so it spans 15.5 .. 47.5 and a step is 32/31 pixel;
+- size: each shape is a fixed outline drawn at `size_px = slope * scale + offset`
+  (`SHAPES`), so sizes are not proportional to the scale value;
+- orientation: the outline turns counter-clockwise on screen about the shape's centre by
+  the orientation value; 2π is reduced to 0, so the first and last classes coincide;
+- rasterisation: a pixel is on when the outline covers at least `threshold` of its area.
+
+Coverage is exact to 1/961 of a pixel: each (shape, scale, orientation) outline is sampled
+once on a grid of 31 x 31 points per pixel. Position centres lie on a 1/31-pixel grid, so
+every position is a whole-pixel offset of the tile plus one of 31 x 31 sub-pixel phases,
+and the coverage of every pixel at every phase is a box sum of those samples (cumulative
+sums, no geometry per image). A sprite's 961 phase tiles (32x32 pixels each, bit-packed)
+are made on first use and kept, so rendering rows of the grid is a gather and a scatter.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, LATENT_VALUES, SHAPE_NAMES
 
-SPRITE = 33  # sprite side: 31 one-pixel steps + 33 = 64, so every offset stays in frame
-CENTRE = 16  # the rotation centre inside a sprite (a pixel centre)
-RADIUS = 15.5  # circumradius at scale 1, in pixels: the sprite's border pixels stay empty
-ELLIPSE_MINOR = 0.55  # ellipse semi-minor axis relative to its semi-major axis
-NUM_OFFSETS = IMAGE_SIZE - SPRITE + 1  # 32 = FACTOR_SIZES["pos_x"] = FACTOR_SIZES["pos_y"]
-PAD = NUM_OFFSETS - 1
-assert NUM_OFFSETS == FACTOR_SIZES["pos_x"] == FACTOR_SIZES["pos_y"]
+# 2: official geometry (32/31-pixel position steps, fitted sizes and outlines); 1 (manifests
+# without a "renderer" field): whole-pixel steps and larger shapes, not dSprites.
+RENDERER_VERSION = 2
+SUB = 31  # samples per pixel side; position centres step 32/31 px, so phases are k/31 px
+PHASES = SUB  # sub-pixel phases per axis: class k sits k/31 px past a whole-pixel offset
+TILE = 32  # tile side in pixels: the whole shape at any phase and orientation
+ORIGIN = 15.5  # centre of position class 0, in pixel-index units
+STEP = 32 / 31  # pixels per position class
+NUM_SPRITES = FACTOR_SIZES["shape"] * FACTOR_SIZES["scale"] * FACTOR_SIZES["orientation"]
+TILE_BYTES = TILE * TILE // 8
+
+
+@dataclass(frozen=True)
+class ShapeGeometry:
+    """One shape's outline and how it is drawn; lengths in pixels at size 1."""
+    slope: float  # size_px = slope * scale + offset
+    offset: float
+    threshold: float  # pixel on when covered by at least this fraction of its area
+    params: tuple = ()  # the outline's own parameters (see `_inside`)
+
+
+# Fitted on the official reference frames by benchmarks/fit_renderer.py (its output).
+SHAPES = {
+    # square: half-side = size_px; upright official squares are 20 * scale pixels wide
+    # (10, 16, 18 at 0.5, 0.8, 0.9), edges on pixel borders, so only the threshold is fitted
+    "square": ShapeGeometry(10.0, 0.0, 0.91),
+    # ellipse: semi-major axis (horizontal at orientation 0) = size_px, semi-minor = ratio * it
+    "ellipse": ShapeGeometry(12.5629, 0.2693, 0.5582, (0.5669,)),
+    # heart, tip down at orientation 0: a star-shaped outline, its radius (pixels at size 1)
+    # at 33 angles from straight up (0) to straight down (π), linear between them, mirrored
+    "heart": ShapeGeometry(1.0089, -0.0089, 0.4701, (
+        4.567, 6.801, 8.159, 9.226, 9.986, 10.533, 10.959, 11.177, 11.232, 11.244, 10.962,
+        10.783, 10.478, 9.849, 9.278, 8.695, 8.073, 7.574, 7.094, 6.734, 6.409, 6.212, 6.019,
+        5.904, 5.891, 5.905, 5.948, 6.121, 6.366, 6.68, 7.172, 7.922, 9.127)),
+}
+
+
+# The largest distance from the centre of a shape of size 1.
+_RADIUS = {"square": float(np.sqrt(2)), "ellipse": 1.0, "heart": max(SHAPES["heart"].params)}
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Membership in a shape of size 1 centred at the origin; (u, v) math axes (v up)."""
+    params = SHAPES[shape].params
+    if shape == "square":
+        return (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    if shape == "ellipse":
+        return u * u + (v / params[0]) ** 2 <= 1
+    angle = np.arctan2(np.abs(u), v)  # 0 straight up, π straight down (the tip)
+    knots = np.linspace(0, np.pi, len(params))
+    return np.hypot(u, v) <= np.interp(angle, knots, params)
+
+
+def _box_sums(samples: np.ndarray, axis: int, first: int) -> np.ndarray:
+    """Per phase p and tile pixel j >= `first`, the sum of `samples` (which start at sample
+    31 * first) over pixel j's 31 samples along `axis`; (phase, pixel) replace `axis`."""
+    cs = np.cumsum(samples, axis=axis, dtype=np.int16)  # at most 31 * 31 per pixel
+    cs = np.concatenate([np.zeros_like(np.take(cs, [0], axis=axis)), cs], axis=axis)
+    pixels = (samples.shape[axis] - (SUB - 1)) // SUB
+    start = SUB * np.arange(pixels)[None, :] + (SUB - 1) - np.arange(PHASES)[:, None]  # (p, j)
+    return np.take(cs, start + SUB, axis=axis) - np.take(cs, start, axis=axis)
+
+
+def sprite_tiles(shape: int, scale: int, orientation: int) -> np.ndarray:
+    """(31, 31, 128) uint8: the bit-packed 32x32 tile of one (shape, scale, orientation) at
+    every sub-pixel phase [phase_y, phase_x]; tile pixel (15.5, 15.5) + phase/31 is the centre.
+
+    Pixel j of a tile at phase p covers samples 31 j + 30 - p .. 31 j + 60 - p of an axis
+    whose sample i lies (i + 0.5) / 31 - 16 - 30/31 pixels from the centre. Only the pixels
+    that the shape's bounding circle can reach are sampled.
+    """
+    name = SHAPE_NAMES[shape]
+    geometry = SHAPES[name]
+    size = geometry.slope * LATENT_VALUES["scale"][scale] + geometry.offset
+    reach = size * _RADIUS[name] + 1  # bounding circle, plus a pixel
+    first = max(0, int(np.floor(TILE / 2 - 1 - reach)))
+    last = min(TILE, int(np.ceil(TILE / 2 + 1 + reach)))  # pixels first .. last - 1
+    i = np.arange(SUB * first, SUB * last + SUB - 1, dtype=np.float32)
+    d = (i + 0.5) / SUB - TILE / 2 - (SUB - 1) / SUB
+    angle = np.mod(LATENT_VALUES["orientation"][orientation], 2 * np.pi)  # 2π -> exactly 0
+    c, s = np.float32(np.cos(angle) / size), np.float32(np.sin(angle) / size)
+    dx, dy = d[None, :], d[:, None]
+    # Turning the shape by +angle (counter-clockwise on screen, v up) = sampling it at
+    # points turned by -angle.
+    inside = _inside(name, c * dx - s * dy, -s * dx - c * dy)
+    counts = _box_sums(_box_sums(inside, axis=1, first=first), axis=0, first=first)  # (q, i, p, j)
+    on = np.zeros((PHASES, TILE, PHASES, TILE), dtype=bool)
+    on[:, first:last, :, first:last] = counts >= np.ceil(geometry.threshold * SUB * SUB)
+    return np.packbits(on.transpose(0, 2, 1, 3).reshape(PHASES, PHASES, -1), axis=-1)
+
+
+class _TileCache:
+    """Every sprite's phase tiles, made on first use (about 10 ms each) and kept: 89 MB
+    for all 720 sprites."""
+
+    def __init__(self):
+        self.tiles = np.zeros((NUM_SPRITES, PHASES, PHASES, TILE_BYTES), dtype=np.uint8)
+        self.ready = np.zeros(NUM_SPRITES, dtype=bool)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _draw(sprite: int) -> np.ndarray:
+        shape, rest = divmod(int(sprite), FACTOR_SIZES["scale"] * FACTOR_SIZES["orientation"])
+        scale, orientation = divmod(rest, FACTOR_SIZES["orientation"])
+        return sprite_tiles(shape, scale, orientation)
+
+    def get(self, sprite: np.ndarray) -> np.ndarray:
+        missing = np.unique(sprite[~self.ready[sprite]])
+        if len(missing):
+            with self.lock:
+                missing = missing[~self.ready[missing]]
+                # numpy releases the GIL in the heavy steps, so threads use every core.
+                with ThreadPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+                    for s, tiles in zip(missing, pool.map(self._draw, missing)):
+                        self.tiles[s] = tiles
+                self.ready[missing] = True
+        return self.tiles
 
 
 @functools.lru_cache(maxsize=1)
-def _heart_frame() -> tuple[float, float]:
-    """Centre (bounding-box middle, y) and circumradius of the implicit heart, so it can
-    be shifted to rotate about its middle and scaled to unit circumradius."""
-    t = np.linspace(-1.5, 1.5, 1201)
-    u, v = np.meshgrid(t, t, indexing="xy")
-    inside = (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
-    vs = v[inside]
-    centre_v = 0.5 * (vs.min() + vs.max())
-    radius = np.sqrt(u[inside] ** 2 + (v[inside] - centre_v) ** 2).max()
-    return float(centre_v), float(radius)
+def _cache() -> _TileCache:
+    return _TileCache()
 
 
-def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Membership in a unit-circumradius shape centred at the origin; (u, v) math axes (v up)."""
-    if shape == 0:  # square: half-side 1/sqrt(2)
-        h = 1 / np.sqrt(2)
-        return (np.abs(u) <= h) & (np.abs(v) <= h)
-    if shape == 1:  # ellipse, major axis horizontal at orientation 0
-        return u**2 + (v / ELLIPSE_MINOR) ** 2 <= 1
-    # heart: (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, tip down, shifted to its middle, unit radius
-    centre_v, radius = _heart_frame()
-    x, y = u * radius, v * radius + centre_v
-    return (x**2 + y**2 - 1) ** 3 - x**2 * y**3 <= 0
-
-
-@functools.lru_cache(maxsize=1)
-def sprites() -> np.ndarray:
-    """(3, 6, 40, 33, 33) uint8 0/1: every (shape, scale, orientation) drawn once."""
-    # Pixel centres relative to the sprite's centre, in pixels (x right, y down).
-    coords = np.arange(SPRITE, dtype=np.float64) - CENTRE
-    dy, dx = np.meshgrid(coords, coords, indexing="ij")
-    u0, v0 = dx, -dy  # math axes: v points up, so positive angles turn counter-clockwise
-    scales = LATENT_VALUES["scale"]
-    angles = np.mod(LATENT_VALUES["orientation"], 2 * np.pi)  # 2π -> exactly 0
-    out = np.zeros((3, len(scales), len(angles), SPRITE, SPRITE), dtype=np.uint8)
-    for o, angle in enumerate(angles):
-        c, s = np.cos(angle), np.sin(angle)
-        # Rotating the shape by +angle = sampling it at points rotated by -angle.
-        u, v = c * u0 + s * v0, -s * u0 + c * v0
-        for k, scale in enumerate(scales):
-            r = RADIUS * scale
-            for shape in range(3):
-                out[shape, k, o] = _inside(shape, u / r, v / r)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _windows() -> np.ndarray:
-    """A view (720, 32, 32, 64, 64): the frame of sprite s at offset (y, x) is
-    [s, PAD - y, PAD - x], a window of the sprite padded by 31 pixels on each side."""
-    flat = sprites().reshape(-1, SPRITE, SPRITE)
-    size = IMAGE_SIZE + PAD
-    padded = np.zeros((flat.shape[0], size, size), dtype=np.uint8)
-    padded[:, PAD:PAD + SPRITE, PAD:PAD + SPRITE] = flat
-    return sliding_window_view(padded, (IMAGE_SIZE, IMAGE_SIZE), axis=(1, 2))
+def warm_up() -> None:
+    """Draw every sprite's tiles now (about 10 s on two cores) rather than on first use."""
+    _cache().get(np.arange(NUM_SPRITES))
 
 
 def check_classes(classes: np.ndarray) -> np.ndarray:
@@ -106,6 +179,16 @@ def check_classes(classes: np.ndarray) -> np.ndarray:
     return classes
 
 
+def position_offset(position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position classes -> (whole-pixel tile offset, sub-pixel phase in 1/31 px): the centre
+    ORIGIN + STEP * k = ORIGIN + offset + phase / 31."""
+    phase = position % PHASES
+    return position + position // PHASES, phase
+
+
+_TILE_FLAT = (np.arange(TILE)[:, None] * IMAGE_SIZE + np.arange(TILE)[None, :]).ravel()
+
+
 def render(classes: np.ndarray) -> np.ndarray:
     """(n, 5) factor classes (shape, scale, orientation, pos_x, pos_y) -> (n, 64, 64) uint8 0/1.
 
@@ -114,7 +197,13 @@ def render(classes: np.ndarray) -> np.ndarray:
     classes = check_classes(classes)
     shape, scale, orientation, pos_x, pos_y = classes.T
     sprite = (shape * FACTOR_SIZES["scale"] + scale) * FACTOR_SIZES["orientation"] + orientation
-    return _windows()[sprite, PAD - pos_y, PAD - pos_x]
+    off_x, phase_x = position_offset(pos_x)
+    off_y, phase_y = position_offset(pos_y)
+    tiles = np.unpackbits(_cache().get(sprite)[sprite, phase_y, phase_x], axis=-1)
+    frames = np.zeros((len(classes), IMAGE_SIZE * IMAGE_SIZE), dtype=np.uint8)
+    at = (off_y * IMAGE_SIZE + off_x)[:, None] + _TILE_FLAT[None, :]
+    np.put_along_axis(frames, at, tiles, axis=1)
+    return frames.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def count_duplicates(classes: np.ndarray, batch: int = 16384) -> dict:

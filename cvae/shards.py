@@ -26,7 +26,7 @@ from cvae.config import Config, ConfigError
 from cvae.errors import DataError
 from cvae.grid import (FACTORS, IMAGE_SIZE, LATENT_SIZES, LATENTS, classes_to_index,
                        classes_to_values, factor_classes, rule_mask)
-from cvae.render import check_classes, render
+from cvae.render import RENDERER_VERSION, check_classes, render
 
 __all__ = ["DataError", "write_dataset", "read_manifest", "verify_dataset", "split_shards",
            "open_shard", "shard_name", "holdout_mask", "split_rows", "MANIFEST", "SPLITS"]
@@ -209,6 +209,7 @@ def write_dataset(config: Config, out_dir: str | Path,
         "version": VERSION,
         "generator": data.generator,
         **origin,
+        **({} if data.generator == "import" else {"renderer": RENDERER_VERSION}),
         "grid": {"latents": list(LATENTS), "sizes": list(LATENT_SIZES),
                  "strides": {f: int(data.strides.get(f, 1)) for f in FACTORS},
                  "rows": int(len(classes))},

@@ -8,6 +8,7 @@ from cvae.checkpoint import save_checkpoint
 from cvae.config import Config
 from cvae.grid import FACTOR_SIZES
 from cvae.model import SupervisedVAE
+from cvae.render import RENDERER_VERSION
 from cvae.scm import FactorSCM
 
 CAUSAL_EDGES = [("shape", "scale"), ("scale", "pos_y")]
@@ -36,7 +37,7 @@ def make_checkpoint(directory, factors: FactorSCM | None = None, seed: int = 0) 
     factors = factors or FactorSCM.uniform()
     config = Config()
     config.model.z_dim, config.model.hidden = 4, 16
-    manifest = {"generator": "render", "official_path": None, "strides": {}}
+    manifest = {"generator": "render", "renderer": RENDERER_VERSION, "official_path": None, "strides": {}}
     save_checkpoint(directory, tiny_vae(seed), {"config": config.to_dict(), "manifest": manifest,
                                                  "epoch": 1, "metrics": {}, "scm": factors.to_dict()})
     return str(directory)

@@ -9,8 +9,8 @@ import torch
 from cvae.checkpoint import (
     CheckpointError, load_checkpoint, load_optimizer_state, save_checkpoint,
 )
-from cvae.model import CANVAS, SupervisedVAE, one_hot
-from cvae.render import render, sprites
+from cvae.model import CANVAS, SupervisedVAE, one_hot, translation
+from cvae.render import ORIGIN, STEP, render
 
 
 def _batch(n=16, seed=0):
@@ -47,35 +47,75 @@ def test_a_few_adam_steps_lower_the_loss():
     assert model(x, y).item() < 0.5 * first
 
 
-def test_sprite_decoder_translates_exactly_as_the_renderer_places_shapes():
-    """A canvas holding a sprite, moved by the decoder's position maps, is the rendered
-    image at every position: positions are translations by construction."""
+def test_the_starting_guess_moves_the_canvas_one_whole_pixel_per_class():
     decoder = SupervisedVAE("sprite", z_dim=2).decoder
-    sprite_rows = sprites()
-    rng = np.random.default_rng(0)
-    classes = np.column_stack([rng.integers(0, n, 64) for n in (3, 6, 40, 32, 32)])
-    y = one_hot(torch.as_tensor(classes))
-    canvas = torch.zeros(64, CANVAS, CANVAS)
-    at = CANVAS // 2 - 16  # the sprite's centre pixel (16) on the canvas centre
-    for i, (shape, scale, orientation, _, _) in enumerate(classes):
-        canvas[i, at:at + 33, at:at + 33] = torch.as_tensor(sprite_rows[shape, scale, orientation])
+    canvas = torch.zeros(32, CANVAS, CANVAS)
+    canvas[:, CANVAS // 2, CANVAS // 2] = 1.0  # one dot at the canvas centre
+    classes = torch.zeros(32, 5, dtype=torch.long)
+    classes[:, 3] = torch.arange(32)  # pos_x 0..31
+    classes[:, 4] = 31 - torch.arange(32)  # pos_y 31..0
     with torch.no_grad():
         decoder.background.fill_(0.0)
-        frames = decoder.place(canvas, y).view(-1, 64, 64)
-    assert torch.equal(frames, torch.as_tensor(render(classes)).float())
+        frames = decoder.place(canvas, one_hot(classes)).view(-1, 64, 64)
+    rows, cols = np.nonzero(frames.sum(0).numpy())
+    assert sorted(cols) == list(range(16, 48)) and sorted(rows) == list(range(16, 48))
+    assert torch.equal(frames[0, 47, 16], torch.tensor(1.0))
 
 
-def test_sprite_translation_is_frozen_unless_learned():
-    frozen = SupervisedVAE("sprite", z_dim=2)
-    learned = SupervisedVAE("sprite", z_dim=2, learn_translation=True)
-    assert not frozen.decoder.move_x.requires_grad and learned.decoder.move_x.requires_grad
+def centroid_x(images: torch.Tensor) -> torch.Tensor:
+    mass = images.sum(dim=(1, 2))
+    return (images * torch.arange(64.0)).sum(dim=(1, 2)) / mass
+
+
+def test_the_position_maps_learn_official_steps_from_data():
+    """The maps are learned, not a copy of a rule: with everything but the maps frozen
+    and a canvas holding an ellipse, fitting rendered images at every pos_x moves the
+    guess (whole pixels, 31 px from class 0 to 31) to the data's 32/31-pixel steps (32 px)."""
+    torch.manual_seed(0)
+    decoder = SupervisedVAE("sprite", z_dim=2).decoder
+    assert decoder.move_x.requires_grad and decoder.move_y.requires_grad
+    classes = np.array([(1, 5, 0, k, 0) for k in range(32)])
+    images = torch.as_tensor(render(classes)).float()
+    canvas = torch.full((CANVAS, CANVAS), -8.0)
+    at = CANVAS // 2 - 16  # the frame's pixels 0..47 of class 0, drawn on the canvas
+    canvas[at:, at:] = torch.as_tensor(render(classes[:1])[0, :CANVAS - at, :CANVAS - at]).float() * 16 - 8
+    canvas = canvas.expand(32, -1, -1)
+    y = one_hot(torch.as_tensor(classes))
+    opt = torch.optim.Adam([decoder.move_x], lr=0.02)
+
+    def decoded():
+        return torch.sigmoid(decoder.place(canvas, y).view(-1, 64, 64))
+
+    with torch.no_grad():
+        decoder.background.fill_(-8.0)
+        guess = centroid_x(decoded())
+    for _ in range(150):
+        loss = torch.nn.functional.binary_cross_entropy(decoded(), images.view(-1, 64, 64))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        learned = centroid_x(decoded())
+    truth = centroid_x(images)
+    assert abs((guess[-1] - guess[0]).item() - 31) < 0.2
+    assert abs((truth[-1] - truth[0]).item() - 32) < 0.2
+    assert (learned - truth).abs().max() < 0.25 < (guess - truth).abs().max()
+
+
+def test_sprite_translation_is_learned_unless_frozen():
+    learned = SupervisedVAE("sprite", z_dim=2)
+    frozen = SupervisedVAE("sprite", z_dim=2, learn_translation=False)
+    assert learned.decoder.move_x.requires_grad and not frozen.decoder.move_x.requires_grad
+    assert torch.equal(learned.decoder.move_x, translation(32))  # the starting guess
+    assert learned.spec() == {"arch": "sprite", "z_dim": 2, "hidden": 1000, "learn_translation": True}
     assert frozen.spec() == {"arch": "sprite", "z_dim": 2, "hidden": 1000, "learn_translation": False}
     x, y = _batch()
-    opt = torch.optim.Adam(frozen.parameters(), lr=1e-2)
-    before = frozen.decoder.move_y.clone()
-    frozen(x, y).backward()
-    opt.step()
-    assert torch.equal(frozen.decoder.move_y, before)
+    for model, changes in ((learned, True), (frozen, False)):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        before = model.decoder.move_y.clone()
+        model(x, y).backward()
+        opt.step()
+        assert torch.equal(model.decoder.move_y, before) is not changes
 
 
 def test_unknown_arch_is_refused():

@@ -376,3 +376,18 @@ def test_scm_generator_samples_the_causal_factors(tmp_path):
     config.scm.tables, config.scm.given = "fit", {}
     with pytest.raises(ConfigError, match="config.scm"):
         write_dataset(config, tmp_path / "fit")
+
+
+def test_datasets_of_an_older_renderer_are_refused_by_name(tmp_path):
+    """A manifest records the renderer version; ground truth (evaluation, and checkpoints
+    that carry their manifest) refuses data drawn by another version, naming both."""
+    from cvae.groundtruth import GroundTruth
+    from cvae.render import RENDERER_VERSION
+
+    manifest = write_dataset(load_config(TINY, {"data.strides": {"orientation": 40, "pos_x": 8, "pos_y": 8}}),
+                             tmp_path / "data")
+    assert manifest["renderer"] == RENDERER_VERSION
+    GroundTruth.from_manifest(manifest)  # the current version is accepted
+    old = {k: v for k, v in manifest.items() if k != "renderer"}  # as version 1 wrote it
+    with pytest.raises(DataError, match=f"renderer version 1, this cvae draws version {RENDERER_VERSION}"):
+        GroundTruth.from_manifest(old)

@@ -113,18 +113,18 @@ def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
     assert reconstruction_nats(model, test) < reconstruction_nats(SupervisedVAE(**model.spec()), test)
 
 
-def test_two_workers_train_the_sprite_model_with_its_translation_fixed(ray_session, tiny_data, tmp_path):
-    """The default architecture under DDP: the frozen position maps stay exactly the
-    one-pixel translations (DDP syncs nothing into them) and the model learns."""
+def test_two_workers_train_the_sprite_model_and_its_position_maps(ray_session, tiny_data, tmp_path):
+    """The default architecture under DDP: the position maps are parameters that move
+    away from their whole-pixel starting guess, and the model learns."""
     from cvae.model import translation
 
     config = load_config(CONFIG, {"model.arch": "sprite", "train.num_workers": 2, "train.epochs": 2,
                                   "train.lr": 3e-3})
     result = run_training(config, tiny_data, tmp_path, run_name="sprite")
     model = check_checkpoint(result.latest_checkpoint, 2)
-    assert model.spec() == {"arch": "sprite", "z_dim": 8, "hidden": 64, "learn_translation": False}
-    assert torch.equal(model.decoder.move_x, translation(32))
-    assert torch.equal(model.decoder.move_y, translation(32))
+    assert model.spec() == {"arch": "sprite", "z_dim": 8, "hidden": 64, "learn_translation": True}
+    assert not torch.equal(model.decoder.move_x, translation(32))
+    assert not torch.equal(model.decoder.move_y, translation(32))
     test = load_split(tiny_data, "test", limit=64)
     torch.manual_seed(123)
     untrained = SupervisedVAE(**model.spec()).eval()
