@@ -1,23 +1,39 @@
-"""Counterfactual answers measured against exact ground truth.
+"""Counterfactual answers measured against exact ground truth, with a readout that cannot
+be gamed and controls that show what chance looks like.
 
 dSprites holds every factor combination, so each counterfactual result row has a true
-image: the image of the row's own factor columns (the counterfactual world the factor
-SCM computed with the abducted noise; under the default SCM, the factual factors with
-the intervened one replaced). Per intervened factor (and joint intervention) and overall:
+image: the image of the row's own factor columns (the counterfactual world the factor SCM
+computed with the abducted noise; under the default SCM, the factual factors with the
+intervened ones replaced). Every answer image is also read back to all five factors by
+`cvae.readout` (the nearest ground-truth image over the whole grid by IoU; pixel-identical
+classes count as one answer, any other tie and an empty image read back nothing). Per
+intervened factor (and joint intervention) and overall:
 
 - iou, pixel_error, exact: the answer against the true counterfactual image;
-- effectiveness: the intervened factor read back from the answer by nearest ground-truth
-  match along that factor's axis (the other factors held at the counterfactual's). A tie
-  with the do value counts as read back, since some classes draw the same image (the
-  square every 90 degrees, orientation 0 and 2*pi);
-- composition: a null intervention (do equal to the factual value) must return the factual
-  image exactly;
+- effectiveness: every intervened factor reads back as the value asked for
+  (`effectiveness_by_factor`: per intervened factor);
+- preservation: every factor that is neither intervened on nor a descendant of an
+  intervened one in the factor SCM's DAG reads back as its factual value
+  (`preservation_by_factor`: per preserved factor);
+- read_nothing: the share of answers that read back no factor at all (empty images,
+  images that overlap no ground-truth image, ties on every factor);
 - reversibility: a counterfactual of the answer (its image and factors as the factual
   observation) that does the factual values back must return the factual image; run
   in-process with `answer_queries` on the checkpoint's SCM, on a seeded sample of up to
   `reversibility_samples` rows per group;
 - the same split into rows that touch held-out factor combinations (their source or their
   counterfactual lies in the manifest's holdout rules) and rows that do not.
+
+Null interventions (every do equal to the factual value) are rows of their own
+(`null`), never mixed into an intervened factor's row or the overall row. Composition is
+measured two ways: `composition.null_intervention`, the exact SCM's null intervention
+(its answer must be the factual image exactly: a correctness check, exact by
+construction), and `composition.model`, the model's own: the factual image encoded and
+decoded at its factual classes with the most likely pixels, k = 1, 5, 10 times, against
+the factual image (a seeded sample of `composition_samples` distinct factual images).
+`controls` holds the same metrics for three answer sets built from the same rows that
+know nothing: the factual image returned unchanged, a blank image and a random grid image
+(seeded by query_id and sample); they show chance level.
 
 Results are read a batch at a time and reduced into sums, so memory does not grow with
 the number of results. The intervention of each row comes from the query set (joined on
@@ -26,6 +42,7 @@ query_id): the result schema carries the counterfactual and factual worlds, not 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,12 +54,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from cvae import fs
-from cvae.grid import FACTOR_SIZES, FACTORS, classes_to_index
+from cvae.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
 from cvae.images import decode_image, encode_pngs
-from cvae.scm import seed_from_query_id
+from cvae.rng import hash_parts
+from cvae.scm import row_keys, seed_from_query_id
 
 BATCH_ROWS = 2048
-EFFECT_CHUNK = 256  # rows whose candidate images are compared at once (bounded memory)
+CONTROLS = ("factual", "blank", "random")  # answer sets that know nothing, beside the model's
+COMPOSITION_STEPS = (1, 5, 10)  # encode-decode repetitions reported for the model's composition
 
 
 class EvaluationError(ValueError):
@@ -63,23 +82,36 @@ def pixel_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a.reshape(len(a), -1) != b.reshape(len(b), -1)).mean(1)
 
 
-def read_back(images: np.ndarray, classes: np.ndarray, factor: str, ground_truth) -> np.ndarray:
-    """(n, size) bool: which classes of `factor` are nearest to each image.
+def descendants(edges: list) -> np.ndarray:
+    """(5, 5) bool: [j, k] when FACTORS[k] is a descendant of FACTORS[j] in the DAG `edges`."""
+    reach = np.zeros((len(FACTORS), len(FACTORS)), dtype=bool)
+    for parent, child in edges:
+        reach[FACTORS.index(parent), FACTORS.index(child)] = True
+    for _ in FACTORS:  # transitive closure: paths are at most 4 edges long
+        reach |= (reach.astype(int) @ reach.astype(int)) > 0
+    return reach
 
-    The candidates are the true images of `classes` with `factor` set to each of its
-    classes; nearest is the smallest number of differing pixels (ties all marked).
-    """
-    col, size = FACTORS.index(factor), FACTOR_SIZES[factor]
-    out = np.zeros((len(images), size), dtype=bool)
-    flat = images.reshape(len(images), -1).astype(np.uint8)
-    for start in range(0, len(images), EFFECT_CHUNK):
-        c = classes[start:start + EFFECT_CHUNK]
-        cand = np.repeat(c, size, axis=0)
-        cand[:, col] = np.tile(np.arange(size), len(c))
-        truth = ground_truth.images(classes_to_index(cand)).reshape(len(c), size, -1)
-        dist = (truth != flat[start:start + EFFECT_CHUNK, None, :]).sum(-1)
-        out[start:start + len(c)] = dist == dist.min(axis=1, keepdims=True)
-    return out
+
+@dataclass
+class Scores:
+    """Per-row scores of one answer set against n result rows."""
+    iou: np.ndarray  # (n,) against the true counterfactual
+    pixel_error: np.ndarray
+    exact: np.ndarray
+    effect: np.ndarray  # (n, 5) bool, the asked value read back (False where not intervened)
+    preserve: np.ndarray  # (n, 5) bool, the factual value read back (False where not preserved)
+    read_nothing: np.ndarray  # (n,) bool
+
+
+def score(answer: np.ndarray, true_cf: np.ndarray, do: np.ndarray, factual: np.ndarray,
+          preserved: np.ndarray, readback) -> Scores:
+    """Scores of (n, 64, 64) answers; `preserved` (n, 5) bool marks the factors that must keep
+    their factual value; `readback` is the answers' `cvae.readout.ReadBack`."""
+    flat, want = answer.reshape(len(answer), -1), true_cf.reshape(len(true_cf), -1)
+    return Scores(iou=iou(answer, true_cf), pixel_error=pixel_error(answer, true_cf),
+                  exact=(flat == want).all(1), effect=readback.hits(do),
+                  preserve=readback.hits(np.where(preserved, factual, -1)),
+                  read_nothing=~readback.reads.any((1, 2)))
 
 
 @dataclass
@@ -90,17 +122,39 @@ class Sums:
     pixel_error: float = 0.0
     exact: int = 0
     effective: int = 0
+    preserved: int = 0
+    preserve_rows: int = 0  # rows with at least one factor to preserve
+    read_nothing: int = 0
     effect_by_factor: dict = field(default_factory=dict)  # factor -> [hits, tries]
-    null_count: int = 0
-    null_exact: int = 0
-    null_pixel_error: float = 0.0
+    preserve_by_factor: dict = field(default_factory=dict)
     rev_count: int = 0
     rev_exact: int = 0
     rev_iou: float = 0.0
 
+    def add(self, s: Scores, mask: np.ndarray, do: np.ndarray, preserved: np.ndarray) -> None:
+        self.count += int(mask.sum())
+        self.iou += float(s.iou[mask].sum())
+        self.pixel_error += float(s.pixel_error[mask].sum())
+        self.exact += int(s.exact[mask].sum())
+        asked, kept = do[mask] >= 0, preserved[mask]
+        self.effective += int((s.effect[mask] | ~asked).all(1).sum())
+        self.preserved += int(((s.preserve[mask] | ~kept).all(1) & kept.any(1)).sum())
+        self.preserve_rows += int(kept.any(1).sum())
+        self.read_nothing += int(s.read_nothing[mask].sum())
+        for j, f in enumerate(FACTORS):
+            for table, hit, tried in ((self.effect_by_factor, s.effect[mask, j], asked[:, j]),
+                                      (self.preserve_by_factor, s.preserve[mask, j], kept[:, j])):
+                if tried.any():
+                    h = table.setdefault(f, [0, 0])
+                    h[0] += int(hit[tried].sum())
+                    h[1] += int(tried.sum())
+
     def summary(self) -> dict:
         def mean(total, n):
             return None if n == 0 else round(float(total) / n, 6)
+
+        def by_factor(table):
+            return {f: mean(*table[f]) for f in FACTORS if f in table}
 
         return {
             "count": self.count,
@@ -108,9 +162,10 @@ class Sums:
             "pixel_error": mean(self.pixel_error, self.count),
             "exact": mean(self.exact, self.count),
             "effectiveness": mean(self.effective, self.count),
-            "effectiveness_by_factor": {f: mean(h, n) for f, (h, n) in sorted(self.effect_by_factor.items())},
-            "composition": {"count": self.null_count, "exact": mean(self.null_exact, self.null_count),
-                            "pixel_error": mean(self.null_pixel_error, self.null_count)},
+            "effectiveness_by_factor": by_factor(self.effect_by_factor),
+            "preservation": mean(self.preserved, self.preserve_rows),
+            "preservation_by_factor": by_factor(self.preserve_by_factor),
+            "read_nothing": mean(self.read_nothing, self.count),
             "reversibility": {"count": self.rev_count, "exact": mean(self.rev_exact, self.rev_count),
                               "iou": mean(self.rev_iou, self.rev_count)},
         }
@@ -183,14 +238,34 @@ def _ints(table: pa.Table, names: list[str]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- evaluation
 
+@dataclass
+class _State:
+    """What the batches reduce into: per (answer set, group, part) sums and the samples kept."""
+    truth: object
+    readout: object
+    reach: np.ndarray  # descendants(edges) of the factor SCM
+    holdout: list
+    figures_per_factor: int
+    rev_limit: int
+    composition_limit: int
+    groups: dict = field(default_factory=dict)  # (answers, group, part) -> Sums
+    null: list = field(default_factory=lambda: [0, 0, 0.0])  # null rows: count, exact, pixel error
+    figures: dict = field(default_factory=dict)  # group -> {(shape, scale): [(key, images, label)]}
+    rev_pool: dict = field(default_factory=dict)  # group -> reversal queries kept so far
+    composition_pool: dict = field(default_factory=dict)  # factual index -> key
+    read: dict = field(default_factory=dict)  # answers -> [images read, seconds]
+
+
 def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, queries: str | Path,
              data_dir: str | Path | None = None, figures_per_factor: int = 8,
-             reversibility_samples: int = 256, max_samples: int = 64) -> dict:
+             reversibility_samples: int = 256, max_samples: int = 64,
+             composition_samples: int = 256) -> dict:
     """Evaluate the counterfactual results in `results` against ground truth; writes
     report.json, report.md and figures/*.png under `out_dir` (paths or URIs) and returns
     the report."""
     from cvae.checkpoint import load_meta
     from cvae.groundtruth import GroundTruth
+    from cvae.readout import Readout
     from cvae.scm import ImageSCM
 
     with fs.staged(results) as results_local, fs.staged(queries) as queries_local, \
@@ -205,30 +280,33 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
         if not manifest:
             raise EvaluationError(f"{checkpoint}: the checkpoint has no data manifest; give --data")
         truth = GroundTruth.from_manifest(manifest)
-        holdout = manifest.get("holdout") or []
         scm = ImageSCM.from_checkpoint(ckpt_local)
         scm.ground_truth = truth
+        started = time.perf_counter()
+        readout = Readout.of(truth)
+        build_seconds = time.perf_counter() - started
 
         files = _results_files(Path(results_local))
         interventions = _interventions(Path(queries_local))
-        groups: dict[tuple[str, str], Sums] = {}
-        figures: dict[str, list] = {}
-        rev_pool: dict[str, pa.Table] = {}  # per group: the reversal queries kept so far
+        state = _State(truth, readout, descendants(scm.factors.edges), manifest.get("holdout") or [],
+                       figures_per_factor, reversibility_samples, composition_samples)
         seen_rows = unmatched = 0
         for table in _batches(files, interventions):
             seen_rows += table.num_rows
-            unmatched += _evaluate_batch(table, truth, holdout, groups, figures, figures_per_factor,
-                                         rev_pool, reversibility_samples)
+            unmatched += _evaluate_batch(table, state)
         if seen_rows == 0:
             raise EvaluationError(f"{results}: no counterfactual result rows")
         if unmatched == seen_rows:
             raise EvaluationError(f"{results}: no result row matches a query_id of {queries}")
         refused = {"count": 0, "example": None}
-        _reversibility(scm, rev_pool, truth, holdout, groups, max_samples, refused)
+        _reversibility(scm, state.rev_pool, truth, state.holdout, state.groups, max_samples, refused)
+        model_composition = _model_composition(scm, truth, state.composition_pool, composition_samples)
 
-        report = _report(groups, holdout, seen_rows, unmatched, results, checkpoint, queries)
+        report = _report(state, seen_rows, unmatched, results, checkpoint, queries)
+        report["composition"]["model"] = model_composition
+        report["readout"]["build_seconds"] = round(build_seconds, 1)
         report["reversal_queries_refused"] = refused
-        report["figures"] = _save_figures(out_local, figures)
+        report["figures"] = _save_figures(out_local, state.figures, figures_per_factor)
         fs.write_text_atomic(out_local / "report.md", markdown(report))
         fs.write_text_atomic(out_local / "report.json", json.dumps(report, indent=2))  # last
     return report
@@ -252,17 +330,19 @@ def _parts(classes_cf: np.ndarray, factual: np.ndarray, holdout: list) -> dict[s
     return {"all": np.ones(len(held), dtype=bool), "holdout": held, "seen": ~held}
 
 
-def _add(groups: dict, names: np.ndarray, parts: dict, fn) -> None:
-    """Call fn(sums, mask) for every (group, part) and for ('overall', part)."""
+def _add(groups: dict, answers: str, names: np.ndarray, parts: dict, fn) -> None:
+    """Call fn(sums, mask) for every (group, part), for ('overall', part) over the intervened
+    rows and for ('null', part) over the null rows (named 'null:<factor>')."""
+    null = np.array([n.startswith("null:") for n in names], dtype=bool)
     for part, pmask in parts.items():
-        for name in ["overall"] + sorted(set(names)):
-            mask = pmask & (names == name) if name != "overall" else pmask
+        masks = [("overall", pmask & ~null), ("null", pmask & null)]
+        masks += [(name, pmask & (names == name)) for name in sorted(set(names[pmask]))]
+        for name, mask in masks:
             if mask.any():
-                fn(groups.setdefault((name, part), Sums()), mask)
+                fn(groups.setdefault((answers, name, part), Sums()), mask)
 
 
-def _evaluate_batch(table: pa.Table, truth, holdout: list, groups: dict, figures: dict,
-                    figures_per_factor: int, rev_pool: dict, rev_limit: int) -> int:
+def _evaluate_batch(table: pa.Table, st: _State) -> int:
     do = _ints(table, [f"do_{f}" for f in FACTORS])
     # A row without a matching query (or a query without any do) cannot be grouped: skip it.
     keep = (do >= 0).any(1)
@@ -270,66 +350,118 @@ def _evaluate_batch(table: pa.Table, truth, holdout: list, groups: dict, figures
     if not keep.any():
         return unmatched
     table, do = table.filter(pa.array(keep)), do[keep]
+    n = table.num_rows
     cf = _ints(table, list(FACTORS))
     factual = _ints(table, [f"factual_{f}" for f in FACTORS])
     answer = np.stack([decode_image(b) for b in table["image"].to_pylist()])
-    true_cf = truth.images(classes_to_index(cf))
-    true_factual = truth.images(classes_to_index(factual))
-    names = _group_names(do)
-    parts = _parts(cf, factual, holdout)
-
-    row_iou, row_err = iou(answer, true_cf), pixel_error(answer, true_cf)
-    row_exact = (answer.reshape(len(answer), -1) == true_cf.reshape(len(true_cf), -1)).all(1)
-    # Effectiveness per intervened factor; a row is effective when every one reads back.
-    effect = {}
-    for j, f in enumerate(FACTORS):
-        rows = np.flatnonzero(do[:, j] >= 0)
-        if len(rows):
-            nearest = read_back(answer[rows], cf[rows], f, truth)
-            effect[f] = (rows, nearest[np.arange(len(rows)), do[rows, j]])
-    row_effective = np.ones(len(do), dtype=bool)
-    for rows, hit in effect.values():
-        row_effective[rows] &= hit
+    at_cf, at_factual = classes_to_index(cf), classes_to_index(factual)
+    true_cf, true_factual = st.truth.images(at_cf), st.truth.images(at_factual)
     null = ((do < 0) | (do == factual)).all(1)
-    null_exact = (answer.reshape(len(answer), -1) == true_factual.reshape(len(answer), -1)).all(1)
-    null_err = pixel_error(answer, true_factual)
+    names = _group_names(do)
+    names[null] = ["null:" + name for name in names[null]]
+    parts = _parts(cf, factual, st.holdout)
+    intervened = do >= 0
+    preserved = ~intervened & ((intervened.astype(int) @ st.reach.astype(int)) == 0)
+    samples = table["sample"].to_numpy()
+    keys = hash_parts(np.array([seed_from_query_id(q) for q in table["query_id"].to_pylist()],
+                               dtype=np.uint64), samples)
 
-    def accumulate(s: Sums, mask: np.ndarray) -> None:
-        s.count += int(mask.sum())
-        s.iou += float(row_iou[mask].sum())
-        s.pixel_error += float(row_err[mask].sum())
-        s.exact += int(row_exact[mask].sum())
-        s.effective += int(row_effective[mask].sum())
-        for f, (rows, hit) in effect.items():
-            m = mask[rows]
-            h = s.effect_by_factor.setdefault(f, [0, 0])
-            h[0] += int(hit[m].sum())
-            h[1] += int(m.sum())
-        nm = mask & null
-        s.null_count += int(nm.sum())
-        s.null_exact += int(null_exact[nm].sum())
-        s.null_pixel_error += float(null_err[nm].sum())
+    # The model's answers and the controls, all read back and scored against the same rows.
+    random_at = st.readout.indices[hash_parts(keys, 1) % np.uint64(len(st.readout.indices))]
+    answer_sets = {"model": (answer, np.stack([at_cf, at_factual], 1)),
+                   "factual": (true_factual, at_factual[:, None]),
+                   "blank": (np.zeros_like(answer), None),
+                   "random": (st.truth.images(random_at), random_at[:, None])}
+    everything = {"all": np.ones(n, dtype=bool)}
+    for name, (images, hints) in answer_sets.items():
+        started = time.perf_counter()
+        readback = st.readout.read(images, hints)
+        counter = st.read.setdefault(name, [0, 0.0])
+        counter[0] += n
+        counter[1] += time.perf_counter() - started
+        scores = score(images, true_cf, do, factual, preserved, readback)
+        _add(st.groups, name, names, parts if name == "model" else everything,
+             lambda s, mask: s.add(scores, mask, do, preserved))
 
-    _add(groups, names, parts, accumulate)
+    # Composition, the SCM's way: a null intervention returns the factual image exactly.
+    st.null[0] += int(null.sum())
+    st.null[1] += int((answer[null] == true_factual[null]).reshape(-1, answer[0].size).all(1).sum())
+    st.null[2] += float(pixel_error(answer[null], true_factual[null]).sum())
+    # The model's composition runs later on a seeded sample of distinct factual images.
+    if st.composition_limit:
+        for index in np.unique(at_factual).tolist():
+            st.composition_pool.setdefault(index, seed_from_query_id(f"composition:{index}"))
+        if len(st.composition_pool) > 4 * st.composition_limit:
+            kept = sorted(st.composition_pool.items(), key=lambda kv: kv[1])[:st.composition_limit]
+            st.composition_pool = dict(kept)
 
-    # Figures: the first sample of the first queries of each group.
-    first_sample = table["sample"].to_numpy() == 0
-    for i in np.flatnonzero(first_sample):
-        shown = figures.setdefault(names[i], [])
-        if len(shown) < figures_per_factor:
-            label = ",".join(f"{f}={do[i, j]}" for j, f in enumerate(FACTORS) if do[i, j] >= 0)
-            shown.append((true_factual[i], answer[i], true_cf[i], label))
+    if st.figures_per_factor:
+        _keep_figures(st, ~null & (samples == 0), names, factual, do, keys,
+                      (true_factual, answer, true_cf))
 
     # Reversibility sample: per group, the rows with the smallest hash of (query_id, sample),
     # a seeded uniform sample that does not depend on file or row order.
     rows = np.flatnonzero(~null)
-    if rev_limit and len(rows):
+    if st.rev_limit and len(rows):
         fresh = _reversal_queries(table, rows, cf, factual, do, answer)
         for name in set(names[rows]):
             mine = fresh.filter(pc.equal(fresh["_group"], name))
-            pool = pa.concat_tables([rev_pool[name], mine]) if name in rev_pool else mine
-            rev_pool[name] = pool.sort_by("_key").slice(0, rev_limit)
+            pool = pa.concat_tables([st.rev_pool[name], mine]) if name in st.rev_pool else mine
+            st.rev_pool[name] = pool.sort_by("_key").slice(0, st.rev_limit)
     return unmatched
+
+
+def _keep_figures(st: _State, eligible: np.ndarray, names: np.ndarray, factual: np.ndarray,
+                  do: np.ndarray, keys: np.ndarray, images: tuple) -> None:
+    """Per group and per stratum (factual shape, scale), keep the figures_per_factor rows
+    with the smallest keys: a seeded sample that does not depend on file or row order."""
+    rows = np.flatnonzero(eligible)
+    if not len(rows):
+        return
+    group_ids = np.unique(names[rows], return_inverse=True)[1].reshape(-1)
+    stratum = factual[rows, 0] * FACTOR_SIZES["scale"] + factual[rows, 1]
+    order = np.lexsort((keys[rows], stratum, group_ids))
+    rows, cell = rows[order], group_ids[order] * 1000 + stratum[order]
+    first = np.r_[0, np.flatnonzero(np.diff(cell)) + 1]
+    rank = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
+    for i in rows[rank < st.figures_per_factor]:
+        kept = st.figures.setdefault(names[i], {}).setdefault((int(factual[i, 0]), int(factual[i, 1])), [])
+        if len(kept) == st.figures_per_factor and keys[i] >= kept[-1][0]:
+            continue
+        kept.append((int(keys[i]), tuple(im[i] for im in images), _figure_label(factual[i], do[i])))
+        kept.sort(key=lambda k: k[0])
+        del kept[st.figures_per_factor:]
+
+
+def _figure_label(factual: np.ndarray, do: np.ndarray) -> str:
+    """'ellipse→heart' for shape, 'scale 2→5' for the other factors; one line per do."""
+    lines = []
+    for j, f in enumerate(FACTORS):
+        if do[j] >= 0:
+            lines.append(f"{SHAPE_NAMES[factual[j]]}→{SHAPE_NAMES[do[j]]}" if f == "shape"
+                         else f"{f} {factual[j]}→{do[j]}")
+    return "\n".join(lines)
+
+
+def _model_composition(scm, truth, pool: dict, limit: int) -> dict:
+    """The factual image encoded and decoded at its factual classes (most likely pixels),
+    k = 1, 5, 10 times: IoU and exact share against the factual image."""
+    chosen = sorted(pool.items(), key=lambda kv: kv[1])[:limit]
+    out = {"count": len(chosen), "iou": {}, "exact": {}}
+    if not chosen:
+        return out
+    indices = np.array([i for i, _ in chosen], dtype=np.int64)
+    keys = row_keys(np.array([k for _, k in chosen], dtype=np.uint64), np.zeros(len(chosen), np.int64))
+    classes = index_to_classes(indices, with_color=False)
+    factual = truth.images(indices)
+    image = factual
+    for k in range(1, max(COMPOSITION_STEPS) + 1):
+        image = scm.most_likely_reconstruction(image, classes, keys)
+        if k in COMPOSITION_STEPS:
+            same = (image.reshape(len(image), -1) == factual.reshape(len(factual), -1)).all(1)
+            out["iou"][str(k)] = round(float(iou(image, factual).mean()), 6)
+            out["exact"][str(k)] = round(float(same.mean()), 6)
+    return out
 
 
 def _reversal_queries(table: pa.Table, rows: np.ndarray, cf: np.ndarray, factual: np.ndarray,
@@ -381,69 +513,181 @@ def _reversibility(scm, pool: dict, truth, holdout: list, groups: dict, max_samp
         s.rev_exact += int(row_exact[mask].sum())
         s.rev_iou += float(row_iou[mask].sum())
 
-    _add(groups, names, _parts(cf, factual, holdout), accumulate)
+    _add(groups, "model", names, _parts(cf, factual, holdout), accumulate)
 
 
 # ----------------------------------------------------------------------------- outputs
 
-def _report(groups: dict, holdout: list, rows: int, unmatched: int, results, checkpoint, queries) -> dict:
-    names = sorted({g for g, _ in groups if g != "overall"}, key=lambda g: (g.count("+"), FACTORS.index(g.split("+")[0])))
+def _group_order(name: str) -> tuple:
+    return name.count("+"), FACTORS.index(name.split("+")[0])
+
+
+def _section(groups: dict, answers: str, part: str) -> dict:
+    """{"overall", "by_factor", "null": {"overall", "by_factor"}} of one answer set and part."""
+    def get(name):
+        return groups[(answers, name, part)].summary() if (answers, name, part) in groups else None
+
+    names = sorted({g for a, g, p in groups if a == answers and p == part and g not in ("overall", "null")
+                    and not g.startswith("null:")}, key=_group_order)
+    nulls = sorted({g[5:] for a, g, p in groups if a == answers and p == part and g.startswith("null:")},
+                   key=_group_order)
+    return {"overall": get("overall"), "by_factor": {g: get(g) for g in names},
+            "null": {"overall": get("null"), "by_factor": {g: get("null:" + g) for g in nulls}}}
+
+
+def _report(st: _State, rows: int, unmatched: int, results, checkpoint, queries) -> dict:
+    def speed(name):
+        n, seconds = st.read.get(name, [0, 0.0])
+        return {"answers": n, "seconds": round(seconds, 2),
+                "per_second": round(n / seconds, 1) if seconds > 0 else None}
+
+    model = _section(st.groups, "model", "all")
+    count, exact, error = st.null
     report = {
         "results": str(results), "checkpoint": str(checkpoint), "queries": str(queries),
         "rows": rows, "rows_without_intervention": unmatched,
-        "overall": groups[("overall", "all")].summary(),
-        "by_factor": {g: groups[(g, "all")].summary() for g in names},
-        "holdout_rules": holdout,
+        "readout": {"candidates": int(len(st.readout.indices)), "distinct_images": st.readout.distinct_images,
+                    "speed": {name: speed(name) for name in ("model",) + CONTROLS}},
+        "overall": model["overall"], "by_factor": model["by_factor"], "null": model["null"],
+        "composition": {"null_intervention": {"count": count,
+                                              "exact": None if not count else round(exact / count, 6),
+                                              "pixel_error": None if not count else round(error / count, 6)}},
+        "controls": {name: _section(st.groups, name, "all") for name in CONTROLS},
+        "holdout_rules": st.holdout,
     }
-    if holdout:
-        report["holdout"] = {part: {"overall": groups[("overall", part)].summary() if ("overall", part) in groups else None,
-                                    "by_factor": {g: groups[(g, part)].summary() for g in names if (g, part) in groups}}
-                             for part in ("holdout", "seen")}
+    if st.holdout:
+        report["holdout"] = {part: _section(st.groups, "model", part) for part in ("holdout", "seen")}
     return report
 
 
-def _save_figures(out: Path, figures: dict) -> list[str]:
+# Strata (factual shape, scale) in an order whose first six cover every shape and every scale.
+STRATA = [(j % 3, (j + j // 6) % 6) for j in range(18)]
+
+
+def stratified(strata: dict, count: int) -> list:
+    """`count` items from {(shape, scale): [items, best first]}, round-robin over the strata
+    in STRATA order: the first of every stratum before any second one."""
+    shown = []
+    for rank in range(count):
+        shown += [strata[s][rank] for s in STRATA if s in strata and len(strata[s]) > rank]
+    return shown[:count]
+
+
+def _save_figures(out: Path, figures: dict, per_figure: int) -> list[str]:
+    """One grid per intervened group: columns drawn round-robin over the (shape, scale)
+    strata of their factual images, rows factual | answer | ground truth."""
     from cvae.figures import save_image_grid
 
     written = []
-    for name, shown in sorted(figures.items()):
+    for name in sorted(figures, key=_group_order):
+        shown = stratified(figures[name], per_figure)
         if not shown:
             continue
         path = out / "figures" / f"counterfactuals_{name.replace('+', '_')}.png"
-        save_image_grid(path, [np.stack([s[k] for s in shown]) for k in range(3)],
-                        row_labels=["factual", "counterfactual", "ground truth"],
-                        col_labels=[s[3] for s in shown], title=f"do({name}): answer vs ground truth")
+        save_image_grid(path, [np.stack([images[k] for _, images, _ in shown]) for k in range(3)],
+                        row_labels=["factual", "answer", "ground truth"],
+                        col_labels=[label for *_, label in shown],
+                        title=f"do({name}): sources stratified over shape x scale")
         written.append(str(path.relative_to(out)))
     return written
+
+
+def headline(report: dict) -> list[str]:
+    """The report's headline numbers, one line each (printed by jobs.evaluate and jobs.pipeline)."""
+    lines = []
+    o = report.get("overall")
+    if o:
+        lines.append(f"{o['count']} intervened: IoU {_fmt(o['iou'])}, effectiveness {_fmt(o['effectiveness'])}, "
+                     f"preservation {_fmt(o['preservation'])}, "
+                     f"reversibility exact {_fmt(o['reversibility']['exact'])}")
+    null = (report.get("null") or {}).get("overall")
+    if null:
+        lines.append(f"{null['count']} null interventions: exact {_fmt(null['exact'])}, "
+                     f"effectiveness {_fmt(null['effectiveness'])}, preservation {_fmt(null['preservation'])}")
+    own = report["composition"].get("model") or {}
+    if own.get("count"):
+        lines.append(f"model composition (encode-decode, IoU with the factual image): "
+                     + ", ".join(f"k={k} {_fmt(v)}" for k, v in own["iou"].items()))
+    parts = []
+    for name, section in report["controls"].items():
+        c = section["overall"] or {}
+        parts.append(f"{name} {_fmt(c.get('effectiveness'))} / {_fmt(c.get('preservation'))}")
+    lines.append("controls (effectiveness / preservation): " + ", ".join(parts))
+    return lines
 
 
 def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(report: dict) -> str:
-    """The report as a markdown summary table (plus one for held-out combinations)."""
-    def table(rows: dict) -> list[str]:
-        lines = ["| intervened | rows | IoU | pixel error | exact | effectiveness | composition (n, exact) | reversibility (n, exact, IoU) |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name, s in rows.items():
-            if s is None:
-                continue
-            c, r = s["composition"], s["reversibility"]
-            lines.append(f"| {name} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
-                         f"{_fmt(s['exact'])} | {_fmt(s['effectiveness'])} | {c['count']}, {_fmt(c['exact'])} | "
-                         f"{r['count']}, {_fmt(r['exact'])}, {_fmt(r['iou'])} |")
-        return lines
+def _table(section: dict, null_label: str = "null: do({}) = factual") -> list[str]:
+    lines = ["| intervened | rows | IoU | pixel error | exact | effectiveness | preservation | "
+             "read nothing | reversibility (n, exact, IoU) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = {**section["by_factor"], "**overall**": section["overall"]}
+    rows.update({null_label.format(g): s for g, s in section["null"]["by_factor"].items()})
+    for name, s in rows.items():
+        if s is None:
+            continue
+        r = s["reversibility"]
+        lines.append(f"| {name} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
+                     f"{_fmt(s['exact'])} | {_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
+                     f"{_fmt(s['read_nothing'])} | {r['count']}, {_fmt(r['exact'])}, {_fmt(r['iou'])} |")
+    return lines
 
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables: per group, per factor, composition, controls, holdout."""
+    model = {"overall": report["overall"], "by_factor": report["by_factor"], "null": report["null"]}
+    readout = report["readout"]
     out = ["# Counterfactual evaluation", "",
            f"{report['rows']} counterfactual result rows from `{report['results']}`, "
-           f"checkpoint `{report['checkpoint']}`.", ""]
-    out += table({**report["by_factor"], "**overall**": report["overall"]})
+           f"checkpoint `{report['checkpoint']}`. Each answer is read back to all five factors as "
+           f"its nearest ground-truth image by IoU, among {readout['candidates']} ground-truth images "
+           f"({readout['distinct_images']} distinct). Null interventions are rows of their own, "
+           "outside **overall**.", ""]
+    out += _table(model)
+
+    o = report["overall"] or {}
+    random = report["controls"]["random"]["overall"] or {}
+    out += ["", "## Read back per factor (intervened rows)", "",
+            "| factor | effectiveness | preservation | random control: effectiveness | preservation |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for f in FACTORS:
+        out.append(f"| {f} | {_fmt(o.get('effectiveness_by_factor', {}).get(f))} | "
+                   f"{_fmt(o.get('preservation_by_factor', {}).get(f))} | "
+                   f"{_fmt(random.get('effectiveness_by_factor', {}).get(f))} | "
+                   f"{_fmt(random.get('preservation_by_factor', {}).get(f))} |")
+
+    null, own = report["composition"]["null_intervention"], report["composition"].get("model") or {}
+    out += ["", "## Composition", "",
+            "The SCM's null intervention (a correctness check, exact by construction): "
+            f"{null['count']} rows, exact {_fmt(null['exact'])}, pixel error {_fmt(null['pixel_error'], 4)}.", "",
+            f"The model's own, on {own.get('count', 0)} factual images: encoded and decoded at the "
+            "factual classes with the most likely pixels, k times, against the factual image:", "",
+            "| k | IoU | exact |", "| ---: | ---: | ---: |"]
+    for k in own.get("iou", {}):
+        out.append(f"| {k} | {_fmt(own['iou'][k])} | {_fmt(own['exact'][k])} |")
+
+    out += ["", "## Controls", "",
+            "The same metrics for answer sets that know nothing, built from the same rows "
+            "(intervened rows):", "",
+            "| answers | rows | IoU | pixel error | effectiveness | preservation | read nothing |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    labels = {"model": "the model", "factual": "factual image unchanged", "blank": "blank image",
+              "random": "random grid image"}
+    sections = {"model": model, **report["controls"]}
+    for name, label in labels.items():
+        s = sections[name]["overall"]
+        if s is not None:
+            out.append(f"| {label} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
+                       f"{_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
+                       f"{_fmt(s['read_nothing'])} |")
+
     if "holdout" in report:
-        for part, title in (("holdout", "Rows touching held-out combinations"), ("seen", "Rows on seen combinations")):
-            sect = report["holdout"][part]
-            out += ["", f"## {title}", ""]
-            out += table({**sect["by_factor"], "**overall**": sect["overall"]})
+        for part, title in (("holdout", "Rows touching held-out combinations"),
+                            ("seen", "Rows on seen combinations")):
+            out += ["", f"## {title}", ""] + _table(report["holdout"][part])
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(out) + "\n"

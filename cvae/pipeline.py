@@ -38,7 +38,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     import ray
 
     from cvae.engine import SUCCESS, run_query_job
-    from cvae.evaluate import evaluate
+    from cvae.evaluate import evaluate, headline
     from cvae.localray import init_ray
     from cvae.make_queries import make_queries
     from cvae.shards import MANIFEST, write_dataset
@@ -104,7 +104,11 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         # The loss of the model the answers came from (a late spike is not evaluated).
         "best epoch": _best_epoch(training.best_metrics),
         "answers": {k: answers.get(k) for k in ("results", "errors", "queries", "seconds")},
-        "overall": report.get("overall"),
+        "overall": report.get("overall"),  # intervened rows; null interventions are in "null"
+        "null": (report.get("null") or {}).get("overall"),
+        "composition": report.get("composition"),
+        "controls": {name: c.get("overall") for name, c in (report.get("controls") or {}).items()},
+        "headline": headline(report),
     }
     with fs.local_output(out) as local:  # a URI: only summary.json is uploaded here
         fs.write_text_atomic(Path(local) / "summary.json", json.dumps(summary, indent=2, default=str))

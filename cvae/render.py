@@ -54,7 +54,8 @@ class ShapeGeometry:
     params: tuple = ()  # the outline's own parameters (see `_inside`)
 
 
-# Fitted on the official reference frames by benchmarks/fit_renderer.py (its output).
+# Fitted on the official reference frames by benchmarks/fit_renderer.py; the square and
+# ellipse thresholds then set by a scan with this exact renderer (bench_fidelity).
 SHAPES = {
     # square: half-side = size_px; upright official squares are 20 * scale pixels wide
     # (10, 16, 18 at 0.5, 0.8, 0.9), edges on pixel borders, so only the threshold is fitted

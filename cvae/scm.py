@@ -537,6 +537,18 @@ class ImageSCM:
         x = run(classes)
         return Answer(classes.numpy(), x.numpy().reshape(m, IMAGE_SIZE, IMAGE_SIZE))
 
+    def most_likely_reconstruction(self, images: np.ndarray, classes: np.ndarray,
+                                   keys: np.ndarray) -> np.ndarray:
+        """The model's own composition step: z abducted from (images, classes) as a
+        counterfactual abducts it (same stream of `keys`), decoded at the same classes with
+        the most likely pixels (logit > 0, no pixel noise); (m, 64, 64) uint8."""
+        classes = torch.as_tensor(np.asarray(classes, dtype=np.int64))
+        eps = torch.as_tensor(_normals(uniforms(keys, STREAM_Z, self.z_dim)), dtype=torch.float32)
+        x = torch.as_tensor(np.asarray(images).reshape(len(classes), -1), dtype=torch.float32)
+        z = self._abduct_z(x, classes, eps)
+        (logits,) = self._net(self.vae.decode, z.to(self.device), classes.to(self.device))
+        return (logits > 0).to(torch.uint8).cpu().numpy().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+
     def _abduct_z(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         loc, scale = self._net(self.vae.encode, x.to(self.device), y.to(self.device))
         if self.abduct_z == "mean":

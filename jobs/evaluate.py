@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from cvae.evaluate import EvaluationError, evaluate
+from cvae.evaluate import EvaluationError, evaluate, headline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,22 +27,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures-per-factor", type=int, default=8)
     parser.add_argument("--reversibility-samples", type=int, default=256,
                         help="reversal queries per intervened-factor group")
+    parser.add_argument("--composition-samples", type=int, default=256,
+                        help="factual images encoded and decoded for the model's composition")
     parser.add_argument("--max-samples", type=int, default=64)
     args = parser.parse_args(argv)
-    if args.figures_per_factor < 0 or args.reversibility_samples < 0 or args.max_samples < 1:
-        parser.error("--figures-per-factor and --reversibility-samples must be >= 0, --max-samples >= 1")
+    if min(args.figures_per_factor, args.reversibility_samples, args.composition_samples) < 0 \
+            or args.max_samples < 1:
+        parser.error("--figures-per-factor, --reversibility-samples and --composition-samples "
+                     "must be >= 0, --max-samples >= 1")
     start = time.perf_counter()
     try:
         report = evaluate(args.results, args.checkpoint, args.out, queries=args.queries,
                           data_dir=args.data, figures_per_factor=args.figures_per_factor,
-                          reversibility_samples=args.reversibility_samples, max_samples=args.max_samples)
+                          reversibility_samples=args.reversibility_samples, max_samples=args.max_samples,
+                          composition_samples=args.composition_samples)
     except (EvaluationError, FileNotFoundError, ValueError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
-    o = report["overall"]
-    print(f"evaluate: {o['count']} counterfactuals in {time.perf_counter() - start:.1f} s: "
-          f"IoU {o['iou']:.3f}, effectiveness {o['effectiveness']:.3f}, "
-          f"composition exact {o['composition']['exact']}, reversibility exact {o['reversibility']['exact']}")
+    print(f"evaluate: {report['rows']} counterfactuals in {time.perf_counter() - start:.1f} s")
+    for line in headline(report):
+        print(f"evaluate: {line}")
     print(f"evaluate: wrote {args.out}/report.json, report.md and {len(report['figures'])} figure(s)")
     return 0
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvae.checkpoint import load_meta, save_checkpoint
-from cvae.evaluate import EvaluationError, evaluate, iou, pixel_error, read_back
+from cvae.evaluate import (STRATA, EvaluationError, _figure_label, descendants, evaluate, iou,
+                           pixel_error, stratified)
 from cvae.grid import FACTORS, classes_to_index, index_to_classes
 from cvae.groundtruth import GroundTruth
 from cvae.images import decode_image, encode_pngs
@@ -20,15 +21,15 @@ from cvae.make_queries import make_queries
 from cvae.queries import RESULT_SCHEMA, answer_queries
 from cvae.scm import ImageSCM, seed_from_query_id
 from jobs import evaluate as job
-from scm_fixtures import make_checkpoint
+from scm_fixtures import CAUSAL_EDGES, causal_scm, make_checkpoint
 
 TRUTH = GroundTruth("render")
 HOLDOUT = [{"shape": [2], "scale": [5]}]
 
 
-def _checkpoint(path: Path) -> Path:
+def _checkpoint(path: Path, factors=None) -> Path:
     """A tiny random-weight checkpoint whose manifest has holdout rules."""
-    make_checkpoint(path)
+    make_checkpoint(path, factors)
     meta = load_meta(path)
     meta["manifest"] = {**meta["manifest"], "holdout": HOLDOUT}
     from cvae.checkpoint import load_checkpoint
@@ -84,18 +85,24 @@ def test_metrics_on_known_images():
     assert iou(empty, empty).tolist() == [1.0]
 
 
-def test_read_back_finds_the_drawn_class():
-    classes = np.array([[0, 3, 5, 10, 20], [2, 0, 0, 31, 0], [1, 5, 39, 0, 31]])
-    images = _truth(classes)
-    for j, f in enumerate(FACTORS):
-        nearest = read_back(images, classes, f, TRUTH)
-        assert nearest[np.arange(3), classes[:, j]].all(), f
-    # an image drawn with another scale reads back as that scale, not the given one
-    other = classes.copy()
-    other[:, 1] = (classes[:, 1] + 3) % 6
-    nearest = read_back(_truth(other), classes, "scale", TRUTH)
-    assert nearest[np.arange(3), other[:, 1]].all()
-    assert not nearest[np.arange(3), classes[:, 1]].any()
+def test_descendants_follow_the_dag():
+    reach = descendants(CAUSAL_EDGES)  # shape -> scale -> pos_y
+    named = {FACTORS[j]: {FACTORS[k] for k in np.flatnonzero(reach[j])} for j in range(5)}
+    assert named == {"shape": {"scale", "pos_y"}, "scale": {"pos_y"}, "orientation": set(),
+                     "pos_x": set(), "pos_y": set()}
+    assert not descendants([]).any()
+
+
+def test_figure_columns_are_stratified_and_titled_with_names():
+    # the first six strata cover every shape and every scale
+    assert {s for s, _ in STRATA[:6]} == {0, 1, 2} and {c for _, c in STRATA[:6]} == set(range(6))
+    assert len(set(STRATA)) == 18
+    strata = {(shape, scale): [f"{shape}{scale}{k}" for k in range(3)] for shape in range(3) for scale in range(6)}
+    first = stratified(strata, 8)
+    assert len(first) == 8 and all(item.endswith("0") for item in first)
+    assert stratified({(0, 0): ["a", "b"], (2, 5): ["c"]}, 8) == ["a", "c", "b"]
+    assert _figure_label(np.array([1, 0, 0, 0, 0]), np.array([2, -1, -1, -1, -1])) == "ellipse→heart"
+    assert _figure_label(np.array([0, 2, 0, 0, 0]), np.array([1, 5, -1, -1, -1])) == "square→ellipse\nscale 2→5"
 
 
 def test_right_answers_score_one_and_wrong_answers_do_not(tmp_path):
@@ -107,17 +114,29 @@ def test_right_answers_score_one_and_wrong_answers_do_not(tmp_path):
     null = ((do < 0) | (do == src)).all(1)  # do(shape = its own shape), and one joint do
     assert null.sum() == 5
 
+    # Right: the true counterfactual images themselves.
     _results(queries, tmp_path / "right", lambda factual, cf, do: _truth(cf))
     right = evaluate(tmp_path / "right", ckpt, tmp_path / "eval-right", queries=tmp_path / "q",
-                     figures_per_factor=2, reversibility_samples=10)
+                     figures_per_factor=2, reversibility_samples=10, composition_samples=6)
     o = right["overall"]
-    assert o["count"] == n
+    assert right["rows"] == n and o["count"] == n - 5  # null interventions are rows of their own
     assert o["iou"] == 1.0 and o["pixel_error"] == 0.0 and o["exact"] == 1.0
-    assert o["effectiveness"] == 1.0
-    assert set(o["effectiveness_by_factor"]) == {"shape", "scale", "pos_x"}
+    assert o["effectiveness"] == 1.0 and o["preservation"] == 1.0 and o["read_nothing"] == 0.0
+    assert o["effectiveness_by_factor"] == {"shape": 1.0, "scale": 1.0, "pos_x": 1.0}
+    assert o["preservation_by_factor"] == {f: 1.0 for f in FACTORS}
     assert set(right["by_factor"]) == {"shape", "scale", "pos_x", "shape+scale"}
     assert right["by_factor"]["pos_x"]["count"] == 4 * 31
-    assert o["composition"] == {"count": 5, "exact": 1.0, "pixel_error": 0.0}
+    assert right["by_factor"]["shape"]["count"] == 4 * 2
+    # the pos_x row scores pos_x for effectiveness and the other four for preservation
+    assert set(right["by_factor"]["pos_x"]["preservation_by_factor"]) == {"shape", "scale", "orientation", "pos_y"}
+    assert right["null"]["overall"]["count"] == 5
+    assert right["null"]["by_factor"]["shape"]["count"] == 4
+    assert right["null"]["by_factor"]["shape+scale"]["count"] == 1
+    assert right["composition"]["null_intervention"] == {"count": 5, "exact": 1.0, "pixel_error": 0.0}
+    # the model's own composition: random weights, so the numbers only have to be there
+    model = right["composition"]["model"]
+    assert model["count"] == 4 and set(model["iou"]) == {"1", "5", "10"}
+    assert all(0.0 <= v <= 1.0 for v in model["iou"].values())
     # Reversibility: per group, the 10 real interventions with the smallest hash of
     # "reverse:<query_id>:<sample>", each observed (answer image and counterfactual factors)
     # and done back to the factual values by the checkpoint's SCM; recomputed here with
@@ -150,22 +169,58 @@ def test_right_answers_score_one_and_wrong_answers_do_not(tmp_path):
     assert right["by_factor"]["shape"]["reversibility"]["count"] == 8
     assert right["reversal_queries_refused"]["count"] == 0
 
-    # Wrong: every answer is the factual image (the intervention had no effect).
+    # The controls are in every report, built from the same rows, and score near chance.
+    controls = right["controls"]
+    assert set(controls) == {"factual", "blank", "random"}
+    blank, unchanged, random = (controls[k]["overall"] for k in ("blank", "factual", "random"))
+    assert blank["count"] == unchanged["count"] == random["count"] == n - 5
+    assert blank["effectiveness"] <= 0.05 and blank["preservation"] == 0.0 and blank["read_nothing"] == 1.0
+    assert unchanged["effectiveness"] <= 0.05 and unchanged["preservation"] == 1.0
+    assert random["effectiveness"] < 0.3 and random["preservation"] < 0.3
+    assert controls["factual"]["null"]["overall"]["effectiveness"] == 1.0  # right where nothing changes
+
+    # Wrong: every answer is the factual image (the intervention had no effect): the same
+    # scores as the unchanged-factual control.
     _results(queries, tmp_path / "wrong", lambda factual, cf, do: _truth(factual))
     wrong = evaluate(tmp_path / "wrong", ckpt, tmp_path / "eval-wrong", queries=tmp_path / "q",
-                     figures_per_factor=0, reversibility_samples=0)
+                     figures_per_factor=0, reversibility_samples=0, composition_samples=0)
     w = wrong["overall"]
-    # only the null interventions are right; their share is the score
-    assert w["exact"] == pytest.approx(round(null.mean(), 6))
-    assert w["effectiveness"] == pytest.approx(round(null.mean(), 6))
-    assert wrong["by_factor"]["pos_x"]["effectiveness"] == 0.0
+    assert w["exact"] == 0.0 and w["effectiveness"] == 0.0 and w["preservation"] == 1.0
+    assert w == {**unchanged, "reversibility": w["reversibility"]}
     assert wrong["by_factor"]["pos_x"]["iou"] < 0.5
-    assert w["composition"]["exact"] == 1.0  # a null intervention's answer is the factual image
-    assert w["reversibility"]["count"] == 0
+    assert wrong["null"]["overall"]["exact"] == 1.0
+    assert wrong["composition"]["null_intervention"]["exact"] == 1.0
+    assert w["reversibility"]["count"] == 0 and wrong["composition"]["model"]["count"] == 0
 
     # The mean IoU is the mean of per-row IoUs computed here from the same images.
-    expected = iou(_truth(src), _truth(np.where(do >= 0, do, src))).mean()
+    expected = iou(_truth(src[~null]), _truth(cf[~null])).mean()
     assert w["iou"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_blank_answers_read_back_nothing(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    queries = _queries(tmp_path / "q")
+    _results(queries, tmp_path / "res", lambda factual, cf, do: np.zeros((len(cf), 64, 64), np.uint8))
+    report = evaluate(tmp_path / "res", ckpt, tmp_path / "eval", queries=tmp_path / "q",
+                      figures_per_factor=0, reversibility_samples=0, composition_samples=0)
+    o = report["overall"]
+    assert o["effectiveness"] <= 0.05 and o["effectiveness"] == 0.0
+    assert o["preservation"] == 0.0 and o["read_nothing"] == 1.0
+    assert report["null"]["overall"]["effectiveness"] == 0.0  # even where nothing was asked to change
+    assert o == {**report["controls"]["blank"]["overall"], "reversibility": o["reversibility"]}
+
+
+def test_preservation_leaves_out_descendants(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt", factors=causal_scm())  # shape -> scale -> pos_y
+    queries = _queries(tmp_path / "q")
+    _results(queries, tmp_path / "res", lambda factual, cf, do: _truth(cf))
+    report = evaluate(tmp_path / "res", ckpt, tmp_path / "eval", queries=tmp_path / "q",
+                      figures_per_factor=0, reversibility_samples=0, composition_samples=0)
+    by = report["by_factor"]
+    assert set(by["shape"]["preservation_by_factor"]) == {"orientation", "pos_x"}
+    assert set(by["scale"]["preservation_by_factor"]) == {"shape", "orientation", "pos_x"}
+    assert set(by["pos_x"]["preservation_by_factor"]) == {"shape", "scale", "orientation", "pos_y"}
+    assert report["overall"]["preservation"] == 1.0
 
 
 def test_wrong_scale_fails_scale_effectiveness_only(tmp_path):
@@ -182,9 +237,11 @@ def test_wrong_scale_fails_scale_effectiveness_only(tmp_path):
     report = evaluate(tmp_path / "res", ckpt, tmp_path / "eval", queries=tmp_path / "q",
                       figures_per_factor=0, reversibility_samples=0)
     assert report["by_factor"]["scale"]["effectiveness"] == 0.0
+    assert report["by_factor"]["scale"]["preservation"] == 1.0
     assert report["by_factor"]["shape"]["effectiveness"] == 1.0
     assert report["by_factor"]["pos_x"]["effectiveness"] == 1.0
     assert report["by_factor"]["shape+scale"]["effectiveness"] == 1.0
+    assert report["overall"]["effectiveness_by_factor"]["scale"] == pytest.approx(3 / 7, abs=1e-6)
 
 
 def test_holdout_split_and_outputs(tmp_path):
@@ -195,19 +252,28 @@ def test_holdout_split_and_outputs(tmp_path):
                       figures_per_factor=3, reversibility_samples=0)
     cf = np.stack([table[f].to_numpy() for f in FACTORS], 1)
     factual = np.stack([table[f"factual_{f}"].to_numpy() for f in FACTORS], 1)
+    do = np.stack([queries[f"do_{f}"].fill_null(-1).to_numpy() for f in FACTORS], axis=1)
+    null = ((do < 0) | (do == factual)).all(1)
     held = ((cf[:, 0] == 2) & (cf[:, 1] == 5)) | ((factual[:, 0] == 2) & (factual[:, 1] == 5))
     assert held.any() and (~held).any()
     assert report["holdout_rules"] == HOLDOUT
-    assert report["holdout"]["holdout"]["overall"]["count"] == held.sum()
-    assert report["holdout"]["seen"]["overall"]["count"] == (~held).sum()
-    # the joint do(shape=2, scale=5) always lands in the held-out combination
-    assert report["holdout"]["holdout"]["by_factor"]["shape+scale"]["count"] == 4
+    assert report["holdout"]["holdout"]["overall"]["count"] == (held & ~null).sum()
+    assert report["holdout"]["holdout"]["null"]["overall"]["count"] == (held & null).sum()
+    assert report["holdout"]["seen"]["overall"]["count"] == (~held & ~null).sum()
+    # the joint do(shape=2, scale=5) always lands in the held-out combination (and is null
+    # for the source that already is a big heart)
+    assert report["holdout"]["holdout"]["by_factor"]["shape+scale"]["count"] == 3
+    assert report["holdout"]["holdout"]["null"]["by_factor"]["shape+scale"]["count"] == 1
     assert "shape+scale" not in report["holdout"]["seen"]["by_factor"]
 
     out = tmp_path / "eval"
     assert json.loads((out / "report.json").read_text()) == report
     md = (out / "report.md").read_text()
-    assert "| shape | " in md and "## Rows touching held-out combinations" in md
+    assert "| shape | " in md and "| null: do(shape) = factual | 4 |" in md
+    for section in ("## Read back per factor", "## Composition", "## Controls",
+                    "## Rows touching held-out combinations"):
+        assert section in md
+    assert "| random grid image | " in md and "| blank image | " in md
     assert sorted(report["figures"]) == sorted(
         f"figures/counterfactuals_{g}.png" for g in ("shape", "scale", "pos_x", "shape_scale"))
     for fig in report["figures"]:
@@ -245,16 +311,21 @@ def test_engine_answers_evaluated_through_uris(tmp_path, ray_session, capsys):
     assert job.main(["--results", uri("answers"), "--queries", uri("q"), "--checkpoint", uri("ckpt"),
                      "--out", uri("eval"), "--figures-per-factor", "2",
                      "--reversibility-samples", "16"]) == 0
-    assert "evaluate: 240 counterfactuals" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "evaluate: 240 counterfactuals" in printed and "controls (effectiveness / preservation)" in printed
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     results = pads.dataset(str(tmp_path / "answers" / "results"), format="parquet").to_table()
-    assert report["overall"]["count"] == results.num_rows == 2 * 30 * 4
+    assert report["rows"] == results.num_rows == 2 * 30 * 4
+    assert report["overall"]["count"] + report["null"]["overall"]["count"] == results.num_rows
     # The SCM's abduction is exact, so a null intervention returns the factual image exactly
     # even with random weights (30 sources x 2 samples with do(shape) = their own shape).
-    assert report["overall"]["composition"] == {"count": 60, "exact": 1.0, "pixel_error": 0.0}
+    assert report["composition"]["null_intervention"] == {"count": 60, "exact": 1.0, "pixel_error": 0.0}
     assert report["overall"]["reversibility"]["count"] == 16 + 16  # per group: shape, pos_y
     # The reported IoU is the IoU of the engine's images against the renderer's.
     cf = np.stack([results[f].to_numpy() for f in FACTORS], 1)
+    factual = np.stack([results[f"factual_{f}"].to_numpy() for f in FACTORS], 1)
+    intervened = (cf != factual).any(1)  # every non-null do here changes its factor
     images = np.stack([decode_image(b) for b in results["image"].to_pylist()])
-    assert report["overall"]["iou"] == pytest.approx(iou(images, _truth(cf)).mean(), abs=1e-6)
+    assert report["overall"]["iou"] == pytest.approx(
+        iou(images[intervened], _truth(cf[intervened])).mean(), abs=1e-6)
     assert summary["queries"] == 30 * 4

@@ -25,10 +25,15 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
     queries = json.loads((out / "queries" / "_summary.json").read_text())
     assert errors.num_rows == 0 and results.num_rows == queries["num_queries"]
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert report["overall"]["count"] == results.num_rows
+    assert report["rows"] == results.num_rows
+    assert report["overall"]["count"] + report["null"]["overall"]["count"] == results.num_rows
     # the null interventions the pipeline adds return the factual image exactly
-    composition = report["by_factor"]["shape"]["composition"]
+    composition = report["composition"]["null_intervention"]
     assert composition["count"] > 0 and composition["exact"] == 1.0
+    assert set(report["composition"]["model"]["iou"]) == {"1", "5", "10"}
+    # the summary carries the evaluation's headline and its controls
+    assert summary["overall"] == report["overall"] and summary["composition"] == report["composition"]
+    assert summary["controls"]["blank"]["effectiveness"] <= 0.05 and summary["headline"]
 
     # A rerun reuses the dataset and the finished training.
     again = run_pipeline(config, out.as_uri())
