@@ -28,6 +28,9 @@ class DataConfig:
     num_shards: int = 8
     strides: dict = field(default_factory=dict)  # e.g. {orientation: 4, pos_x: 2}
     test_fraction: float = 0.1
+    # Of the rows not held out: test rows are for reported quality and queries, validation
+    # rows choose the best checkpoint (0: no validation split; then test loss chooses).
+    validation_fraction: float = 0.05
     # Held-out factor combinations: a row is held out when, for some rule, each factor the
     # rule names has one of the listed classes, e.g. {shape: [2], scale: [5], pos_x: [28, 30]}.
     holdout: list = field(default_factory=list)
@@ -45,6 +48,14 @@ class DataConfig:
         _positive(self.chunk_rows, f"{where}.chunk_rows")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"{where}.test_fraction: must be in [0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"{where}.validation_fraction: must be in [0, 1), "
+                              f"got {self.validation_fraction}")
+        if self.test_fraction + self.validation_fraction >= 1.0:
+            raise ConfigError(
+                f"{where}.validation_fraction: test_fraction + validation_fraction must be < 1 "
+                f"(some rows must be left for training), "
+                f"got {self.test_fraction} + {self.validation_fraction}")
         for name, stride in self.strides.items():
             if name not in FACTORS:
                 raise ConfigError(f"{where}.strides.{name}: unknown factor (expected one of {FACTORS})")

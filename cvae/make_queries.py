@@ -49,7 +49,7 @@ from cvae import fs
 from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes, rule_mask
 from cvae.rng import hash_parts
 
-SPLITS = ("train", "test", "holdout")
+SPLITS = ("train", "validation", "test", "holdout")  # cvae.shards.SPLITS
 VALUE_MODES = ("all", "other", "random_other", "factual")
 # Rows built per chunk: bounds memory independently of the size of the set.
 CHUNK_ROWS = 262_144

@@ -102,7 +102,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
             "report table": fs.join(eval_dir, "report.md"),
         },
         # The loss of the model the answers came from (a late spike is not evaluated).
-        "best epoch": _best_epoch(training.best_metrics),
+        "best epoch": _best_epoch(training.best_metrics, training.best_by),
         "answers": {k: answers.get(k) for k in ("results", "errors", "queries", "seconds")},
         "overall": report.get("overall"),  # intervened rows; null interventions are in "null"
         "null": (report.get("null") or {}).get("overall"),
@@ -115,11 +115,13 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     return summary
 
 
-def _best_epoch(metrics: dict) -> dict | None:
-    """The best checkpoint's losses, or None when no epoch was evaluated on a test split."""
-    if metrics.get("test_loss") is None:
+def _best_epoch(metrics: dict, best_by: str) -> dict | None:
+    """The best checkpoint's losses and the one that chose it (validation loss, or test
+    loss without a validation split), or None when no epoch was evaluated on it."""
+    if metrics.get(best_by) is None:
         return None
-    return {k: metrics.get(k) for k in ("epoch", "train_loss", "test_loss", "holdout_loss")}
+    return {"best_by": best_by, **{k: metrics.get(k) for k in (
+        "epoch", "train_loss", "validation_loss", "test_loss", "holdout_loss")}}
 
 
 def _durations(stages: dict[str, float], end: float) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 Layout (docs/data.md is the record): `<data_dir>/manifest.json` plus
 `shard-XXXXX-of-YYYYY.h5`, numbered globally across splits (train shards first, then
-test, then holdout; YYYYY is the total). Each shard mirrors the official HDF5 names,
+validation, test, holdout; YYYYY is the total). Each shard mirrors the official HDF5 names,
 `imgs` uint8 (n,64,64), `latents/classes` int64 (n,6), `latents/values` float64 (n,6),
 and adds `index` int64 (n,), the row's official index. Every dataset is chunked,
 compressed and carries HDF5's fletcher32 checksum per chunk; the manifest holds a sha256
@@ -34,7 +34,9 @@ __all__ = ["DataError", "write_dataset", "read_manifest", "verify_dataset", "spl
 FORMAT = "cvae-dsprites-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "test", "holdout")
+# In global shard order. Validation chooses the best checkpoint; test and holdout are for
+# queries and reported quality. A manifest whose counts lack a split has none of its rows.
+SPLITS = ("train", "validation", "test", "holdout")
 # Dataset name -> (shape of one row, dtype): the contract every shard must meet.
 LAYOUT = {
     "imgs": ((IMAGE_SIZE, IMAGE_SIZE), np.uint8),
@@ -57,27 +59,34 @@ def holdout_mask(classes: np.ndarray, rules: list[dict]) -> np.ndarray:
 
 
 def split_rows(classes: np.ndarray, test_fraction: float, holdout: list[dict],
-               seed: int) -> dict[str, np.ndarray]:
+               seed: int, validation_fraction: float = 0.0) -> dict[str, np.ndarray]:
     """Row positions of each split, each in a seeded random order.
 
-    Held-out combinations first; then a random `test_fraction` of the rest is test.
+    Held-out combinations first; then of the rest, in one seeded random order, the first
+    `round(test_fraction * rest)` rows are test, the next `round(validation_fraction * rest)`
+    validation (disjoint from test), and the remainder train. The test rows do not depend
+    on `validation_fraction`.
     """
     rng = np.random.default_rng([seed, 1])
     held = holdout_mask(classes, holdout)
     rest = rng.permutation(np.flatnonzero(~held))
     n_test = int(round(test_fraction * len(rest)))
-    return {"train": rest[n_test:], "test": rest[:n_test],
-            "holdout": rng.permutation(np.flatnonzero(held))}
+    n_val = int(round(validation_fraction * len(rest)))
+    return {"train": rest[n_test + n_val:], "validation": rest[n_test:n_test + n_val],
+            "test": rest[:n_test], "holdout": rng.permutation(np.flatnonzero(held))}
 
 
 def plan_shards(rows: dict[str, np.ndarray], num_train_shards: int) -> list[tuple[str, np.ndarray]]:
-    """(split, row positions) per shard, in global shard order: train, test, holdout.
+    """(split, row positions) per shard, in global shard order: train, validation, test,
+    holdout.
 
-    Test and holdout get shards in proportion to their size (at least one when not empty).
+    Validation, test and holdout get shards in proportion to their size (at least one when
+    not empty).
     """
     n_train = len(rows["train"])
     if n_train == 0:
-        raise DataError("the split leaves no training rows (check data.test_fraction and data.holdout)")
+        raise DataError("the split leaves no training rows (check data.test_fraction, "
+                        "data.validation_fraction and data.holdout)")
     plan = []
     for split in SPLITS:
         n = len(rows[split])
@@ -187,7 +196,8 @@ def write_dataset(config: Config, out_dir: str | Path,
     classes, imgs, origin = generate(config)
     if len(classes) == 0:
         raise DataError(f"the {data.generator} generator produced no rows (check data.strides)")
-    rows = split_rows(classes, data.test_fraction, data.holdout, config.seed)
+    rows = split_rows(classes, data.test_fraction, data.holdout, config.seed,
+                      data.validation_fraction)
     plan = plan_shards(rows, data.num_shards)
     total = len(plan)
 
@@ -215,6 +225,7 @@ def write_dataset(config: Config, out_dir: str | Path,
                  "rows": int(len(classes))},
         "seed": config.seed,
         "test_fraction": data.test_fraction,
+        "validation_fraction": data.validation_fraction,
         "holdout": data.holdout,
         "counts": {split: int(len(rows[split])) for split in SPLITS},
         "compression": data.compression,
@@ -267,6 +278,8 @@ def read_manifest(data_dir: str | Path) -> dict:
         if listed != manifest["counts"].get(split, 0):
             raise DataError(f"{path}: {split} shards hold {listed} rows but counts.{split} is "
                             f"{manifest['counts'].get(split)}")
+    # Manifests written before the validation split lack it in counts: none of its rows.
+    manifest["counts"] = {split: int(manifest["counts"].get(split, 0)) for split in SPLITS}
     return manifest
 
 

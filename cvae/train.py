@@ -11,6 +11,11 @@ name and storage path (Train V2 reloads its checkpoint-manager snapshot from the
 in-process with `num_workers: 0`, Ray Train's local mode) and writes the metrics
 (CSV, JSON), a loss-curve PNG and a reconstruction-grid PNG into the output folder.
 
+The best checkpoint is the one with the lowest validation loss; only a dataset without a
+validation split (`data.validation_fraction: 0`, or a manifest written before there was
+one) falls back to test loss, and the driver says so. Test and holdout losses are reported
+beside it but choose nothing.
+
 Every checkpoint's JSON holds the config, the data manifest, the factor SCM, the epoch,
 that epoch's metrics and the history of all epochs so far (with the attempt each ran
 in), so the history survives restarts and any checkpoint tells its own story.
@@ -36,7 +41,7 @@ from cvae.checkpoint import CheckpointError, load_checkpoint, load_meta, load_op
 from cvae.config import Config, ConfigError, config_from_dict
 from cvae.model import SupervisedVAE
 
-SCORE = "test_loss"  # checkpoints are ranked on it (lower is better)
+EVAL_SPLITS = ("validation", "test", "holdout")  # evaluated every train.eval_every epochs
 # Fault drills: "EPOCH:STEP:RANK" makes that worker SIGKILL itself once, at that step of
 # that epoch (a marker file in the run folder stops it firing again after the restart).
 KILL_ENV = "CVAE_TRAIN_KILL_AT"
@@ -47,11 +52,18 @@ CURVE_PNG, RECON_PNG = "loss_curve.png", "reconstructions.png"
 @dataclass
 class TrainingResult:
     run_dir: str  # the Ray Train run folder: checkpoints and Ray's own state
-    best_checkpoint: str  # lowest test loss among the kept checkpoints
+    best_checkpoint: str  # lowest `best_by` among the kept checkpoints
     latest_checkpoint: str  # the last epoch's checkpoint (what a rerun resumes from)
     history: list[dict] = field(default_factory=list)  # one record per epoch, in order
     files: dict[str, str] = field(default_factory=dict)  # metrics and figure paths
     best_metrics: dict = field(default_factory=dict)  # the epoch record the best checkpoint holds
+    best_by: str = "validation_loss"  # the metric that chose it (test_loss: no validation split)
+
+
+def score_metric(counts: dict) -> str:
+    """The metric checkpoints are ranked on (lower is better): validation loss, or test
+    loss when the dataset has no validation rows."""
+    return "validation_loss" if counts.get("validation", 0) > 0 else "test_loss"
 
 
 # ---------------------------------------------------------------- on each worker
@@ -119,7 +131,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
         split: ShardReader(data_dir, split=split, rank=rank, world_size=world,
                            batch_size=train.batch_size, seed=config.seed,
                            shuffle_buffer=train.shuffle_buffer, verify=True)
-        for split in ("train", "test", "holdout")
+        for split in ("train",) + EVAL_SPLITS
         if split == "train" or loop_config["manifest_counts"].get(split, 0) > 0
     }
     kill_at = loop_config.get("kill_at")
@@ -150,7 +162,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
             "workers": world,
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
-            for split in ("test", "holdout"):
+            for split in EVAL_SPLITS:
                 if split in readers:
                     record[f"{split}_loss"] = _evaluate(model, readers[split], device)
         history = history + [record]
@@ -226,9 +238,10 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
     import ray.train
 
     epoch = record["epoch"]
-    # Ray ranks checkpoints on SCORE: an epoch without a test evaluation scores NaN,
+    # Ray ranks checkpoints on the score: an epoch without that evaluation scores NaN,
     # which Ray orders below every number, so it is never kept as a "best" one.
-    metrics = {**record, SCORE: record.get(SCORE, math.nan)}
+    score = loop_config["score"]
+    metrics = {**record, score: record.get(score, math.nan)}
     name = f"checkpoint_epoch_{epoch:05d}"
     if rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
@@ -244,7 +257,7 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
         directory = Path(loop_config["run_dir"]) / name
         save_checkpoint(directory, model, meta, optimizer)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-        _prune_local(Path(loop_config["run_dir"]), config.train.keep_checkpoints)
+        _prune_local(Path(loop_config["run_dir"]), config.train.keep_checkpoints, score)
     else:
         staging = tempfile.mkdtemp(prefix="cvae-ckpt-")
         try:
@@ -279,7 +292,7 @@ def _wait_until_committed() -> None:
 
 def _print_progress(record: dict, epochs: int) -> None:
     parts = [f"epoch {record['epoch']}/{epochs}", f"train {record['train_loss']:.2f}"]
-    for split in ("test", "holdout"):
+    for split in EVAL_SPLITS:
         if f"{split}_loss" in record:
             parts.append(f"{split} {record[f'{split}_loss']:.2f}")
     parts.append("nats/image")
@@ -322,21 +335,21 @@ def _latest_local_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda pm: pm[1]["epoch"])[0] if found else None
 
 
-def _prune_local(run_dir: Path, keep: int) -> None:
+def _prune_local(run_dir: Path, keep: int, score: str) -> None:
     """Ray's policy, by hand for local mode: keep the best `keep` and always the latest."""
     found = _local_checkpoints(run_dir)
     if len(found) <= keep:
         return
     latest = max(found, key=lambda pm: pm[1]["epoch"])[0]
-    ranked = sorted(found, key=lambda pm: _score_key(pm[1]["metrics"]))
+    ranked = sorted(found, key=lambda pm: _score_key(pm[1]["metrics"], score))
     for path, _ in ranked[keep:]:
         if path != latest:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _score_key(metrics: dict) -> tuple[int, float, int]:
-    """Sort key: evaluated checkpoints by test loss, then the rest; ties to the later."""
-    value = metrics.get(SCORE)
+def _score_key(metrics: dict, score: str) -> tuple[int, float, int]:
+    """Sort key: checkpoints evaluated on `score` by it, then the rest; ties to the later."""
+    value = metrics.get(score)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return (1, 0.0, -metrics["epoch"])
     return (0, value, -metrics["epoch"])
@@ -350,7 +363,8 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     """Train per `config.train` on the shards in `data_dir`; checkpoints go to
     `out_dir/<run_name>/`, metrics and figures to `out_dir` (a local path, or a pyarrow
     filesystem URI with Ray workers). A run whose folder already holds checkpoints
-    continues from the latest one."""
+    continues from the latest one. The best checkpoint is chosen by validation loss, or
+    by test loss when the dataset has no validation split."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -383,6 +397,10 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     }
     if loop_config["manifest_counts"].get("train", 0) == 0:
         raise ConfigError(f"{data_dir}: the manifest lists no training rows")
+    score = loop_config["score"] = score_metric(loop_config["manifest_counts"])
+    if score != "validation_loss":
+        print(f"{data_dir}: no validation split: the best checkpoint is chosen by test loss",
+              flush=True)
     kill_at = os.environ.get(KILL_ENV)
     if kill_at:
         if local_mode or remote:
@@ -410,13 +428,13 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
             # Ray keeps the latest checkpoint besides the best ones, so a rerun resumes.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
-                checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
+                checkpoint_score_attribute=score, checkpoint_score_order="min"),
         ),
     )
     result = trainer.fit()
 
     # The kept checkpoints, each with its JSON: in local mode from the run folder, else
-    # the ones Ray Train kept (the best few by test loss, and the latest).
+    # the ones Ray Train kept (the best few by the score, and the latest).
     if local_mode:
         kept = [(ray.train.Checkpoint.from_directory(str(p)), meta)
                 for p, meta in _local_checkpoints(Path(run_dir))]
@@ -429,7 +447,7 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     if not kept:
         raise RuntimeError(f"training under {run_dir} produced no checkpoint")
     latest, latest_meta = max(kept, key=lambda cm: cm[1]["epoch"])
-    best, best_meta = min(kept, key=lambda cm: _score_key(cm[1]["metrics"]))
+    best, best_meta = min(kept, key=lambda cm: _score_key(cm[1]["metrics"], score))
     history = latest_meta["history"]
     with fs.local_output(out) as local_out:
         files = write_metrics(local_out, history)
@@ -443,7 +461,8 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     def where(checkpoint) -> str:
         return fs.join(run_dir, Path(checkpoint.path).name) if remote else checkpoint.path
 
-    return TrainingResult(run_dir, where(best), where(latest), history, files, best_meta["metrics"])
+    return TrainingResult(run_dir, where(best), where(latest), history, files, best_meta["metrics"],
+                          score)
 
 
 def _split_counts(manifest: dict) -> dict[str, int]:
@@ -483,7 +502,7 @@ def write_metrics(out_dir: Path, history: list[dict]) -> dict[str, str]:
     os.replace(tmp, out_dir / METRICS_JSON)
     pd.DataFrame(history).to_csv(out_dir / METRICS_CSV, index=False)
     curves = {}
-    for split in ("train", "test", "holdout"):
+    for split in ("train",) + EVAL_SPLITS:
         points = [(r["epoch"], r[f"{split}_loss"]) for r in history if r.get(f"{split}_loss") is not None]
         if points:
             curves[split] = ([p[0] for p in points], [p[1] for p in points])

@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({', '.join(f'{k.split()[-1]} {v:.0f} s' for k, v in summary['stage_seconds'].items())})")
     best = summary["best epoch"]
     if best is not None:
-        print(f"best checkpoint: epoch {best['epoch']}, test loss {best['test_loss']:.2f} nats/image")
+        losses = ", ".join(f"{split} loss {best[f'{split}_loss']:.2f}" for split in ("validation", "test")
+                           if best.get(f"{split}_loss") is not None)
+        print(f"best checkpoint: epoch {best['epoch']} (by {best['best_by'].replace('_', ' ')}), "
+              f"{losses} nats/image")
     for line in summary.get("headline") or []:  # the evaluation's own headline (cvae.evaluate.headline)
         print(f"counterfactuals vs ground truth: {line}")
     print("files written:")

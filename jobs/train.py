@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     last = result.history[-1]
     print(f"done: epoch {last['epoch']}, train {last['train_loss']:.2f}"
-          + (f", test {last['test_loss']:.2f}" if last.get("test_loss") is not None else "")
+          + "".join(f", {split} {last[f'{split}_loss']:.2f}" for split in ("validation", "test")
+                    if last.get(f"{split}_loss") is not None)
           + " nats/image")
-    print(f"best checkpoint:   {result.best_checkpoint}")
+    print(f"best checkpoint:   {result.best_checkpoint} (by {result.best_by.replace('_', ' ')})")
     print(f"latest checkpoint: {result.latest_checkpoint}")
     for name, path in result.files.items():
         print(f"{name}: {path}")

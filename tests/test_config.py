@@ -58,6 +58,11 @@ def test_a_valid_config_round_trips(tmp_path):
     # impossible values
     ({"data__test_fraction": 1.5}, r"config\.data\.test_fraction: must be in \[0, 1\), got 1\.5"),
     ({"data__test_fraction": -0.1}, r"config\.data\.test_fraction: must be in \[0, 1\)"),
+    ({"data__validation_fraction": 1.0}, r"config\.data\.validation_fraction: must be in \[0, 1\), got 1\.0"),
+    ({"data__validation_fraction": -0.1}, r"config\.data\.validation_fraction: must be in \[0, 1\)"),
+    ({"data__validation_fraction": "a lot"}, r"config\.data\.validation_fraction: expected float, got str"),
+    ({"data__test_fraction": 0.5, "data__validation_fraction": 0.5},
+     r"config\.data\.validation_fraction: test_fraction \+ validation_fraction must be < 1"),
     ({"data__num_shards": 0}, r"config\.data\.num_shards: must be > 0, got 0"),
     ({"train__num_workers": -1}, r"config\.train\.num_workers: must be >= 0"),
     ({"train__num_workers": 0, "train__use_gpu": True}, r"config\.train\.use_gpu: needs num_workers >= 1"),
@@ -89,6 +94,11 @@ def test_bad_configs_fail_at_load_naming_key_and_file(tmp_path, change, message)
     with pytest.raises(ConfigError, match=message) as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_validation_fraction_defaults_to_a_split_and_may_be_zero(tmp_path):
+    assert load_config(_write(tmp_path, _tiny())).data.validation_fraction == 0.05
+    assert load_config(_write(tmp_path, _tiny(data__validation_fraction=0))).data.validation_fraction == 0.0
 
 
 def test_a_causal_dag_is_accepted(tmp_path):

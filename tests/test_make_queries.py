@@ -47,7 +47,7 @@ def _do(table: pa.Table) -> np.ndarray:
     ({"interventions": [{"factor": "shape"}], "rows_per_file": 0}, r"spec\.rows_per_file: must be >= 1"),
     ({"sources": {"grid": True, "split": "test"}, "interventions": [{"factor": "shape"}]},
      r"spec\.sources: give one of grid, split, indices, not grid and split"),
-    ({"sources": {"split": "validation"}, "interventions": [{"factor": "shape"}]}, r"spec\.sources\.split: must be one of train, test, holdout"),
+    ({"sources": {"split": "valid"}, "interventions": [{"factor": "shape"}]}, r"spec\.sources\.split: must be one of train, validation, test, holdout"),
     ({"sources": {"grid": {"angle": 2}}, "interventions": [{"factor": "shape"}]}, r"spec\.sources\.grid\.angle: unknown factor"),
     ({"sources": {"filter": {"shape": [5]}}, "interventions": [{"factor": "shape"}]}, r"spec\.sources\.filter\.shape: must be \[0, 2\]"),
     ({"sources": {"indices": [1, 1]}, "interventions": [{"factor": "shape"}]}, r"spec\.sources\.indices: holds duplicates"),
@@ -173,7 +173,7 @@ def test_sources_from_a_data_split(tmp_path):
     config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
                          {"data.num_shards": 2, "train.num_workers": 1})
     write_dataset(config, tmp_path / "data")
-    for split in ("test", "holdout"):
+    for split in ("validation", "test", "holdout"):
         out = tmp_path / f"q-{split}"
         make_queries({"sources": {"split": split},
                       "interventions": [{"factor": "shape", "values": "other"}]},

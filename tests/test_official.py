@@ -47,7 +47,7 @@ def test_import_generator_writes_the_files_images(official_file, rows, tmp_path)
     out = tmp_path / "data"
     manifest = write_dataset(config, out)
     assert manifest["generator"] == "import" and manifest["grid"]["rows"] == N
-    got = {s: load_split(out, s) for s in ("train", "test")}
+    got = {s: load_split(out, s) for s in ("train", "validation", "test")}
     all_index = np.concatenate([g["index"] for g in got.values()])
     assert sorted(all_index) == sorted(index)  # every row of the file, once
     by_index = dict(zip(index, imgs))
@@ -67,7 +67,8 @@ def test_strides_filter_imported_rows(official_file, rows, tmp_path):
     index, classes, _ = rows
     config = load_config("configs/tiny.yaml", {
         "data.generator": "import", "data.official_path": str(official_file),
-        "data.strides": {"pos_x": 2}, "data.holdout": [], "data.test_fraction": 0.0})
+        "data.strides": {"pos_x": 2}, "data.holdout": [], "data.test_fraction": 0.0,
+        "data.validation_fraction": 0.0})
     manifest = write_dataset(config, tmp_path / "data")
     assert manifest["counts"]["train"] == int((classes[:, 4] % 2 == 0).sum())
 
@@ -147,7 +148,7 @@ def test_a_rendered_grid_imported_in_the_official_layout_is_the_rendered_dataset
     imported = write_dataset(load_config("configs/tiny.yaml", {
         "data.generator": "import", "data.official_path": str(official)}), tmp_path / "imported")
     assert rendered["counts"] == imported["counts"]
-    for split in ("train", "test", "holdout"):
+    for split in ("train", "validation", "test", "holdout"):
         a, b = load_split(tmp_path / "rendered", split), load_split(tmp_path / "imported", split)
         order_a, order_b = np.argsort(a["index"]), np.argsort(b["index"])
         np.testing.assert_array_equal(a["index"][order_a], b["index"][order_b])

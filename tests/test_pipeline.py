@@ -2,8 +2,11 @@
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from cvae.config import load_config
 from cvae.engine import read_output
+from cvae.reader import load_split
 from cvae.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,11 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
     # the summary carries the evaluation's headline and its controls
     assert summary["overall"] == report["overall"] and summary["composition"] == report["composition"]
     assert summary["controls"]["blank"]["effectiveness"] <= 0.05 and summary["headline"]
+    # The best checkpoint was chosen on validation; the queries come from the test split only.
+    assert summary["best epoch"]["best_by"] == "validation_loss"
+    assert summary["best epoch"]["validation_loss"] is not None
+    sources = set(pq.read_table(out / "queries").column("source_index").to_pylist())
+    assert sources <= set(load_split(out / "data", "test")["index"].tolist())
 
     # A rerun reuses the dataset and the finished training.
     again = run_pipeline(config, out.as_uri())

@@ -15,8 +15,8 @@ from cvae.grid import classes_to_index, classes_to_values, factor_classes
 from cvae.groundtruth import GroundTruth
 from cvae.reader import ShardReader, load_split
 from cvae.render import render
-from cvae.shards import (MANIFEST, holdout_mask, read_manifest, split_shards, verify_dataset,
-                         write_dataset)
+from cvae.shards import (MANIFEST, SPLITS, holdout_mask, read_manifest, split_rows, split_shards,
+                         verify_dataset, write_dataset)
 from jobs.prepare_data import main as prepare_data
 
 TINY = "configs/tiny.yaml"
@@ -52,11 +52,14 @@ def test_manifest_and_shard_layout(config, dataset):
     total = manifest["num_shards"]
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted([MANIFEST] + [f"shard-{i:05d}-of-{total:05d}.h5" for i in range(total)])
-    # Global numbering: train shards first (num_shards of them), then test, then holdout.
+    # Global numbering: train shards first (num_shards of them), then validation, test, holdout.
     splits = [e["split"] for e in manifest["shards"]]
-    assert splits == sorted(splits, key=["train", "test", "holdout"].index)
+    assert SPLITS == ("train", "validation", "test", "holdout")
+    assert splits == sorted(splits, key=SPLITS.index)
     assert splits.count("train") == config.data.num_shards
-    assert splits.count("test") >= 1 and splits.count("holdout") >= 1
+    assert all(splits.count(s) >= 1 for s in ("validation", "test", "holdout"))
+    assert list(manifest["counts"]) == list(SPLITS)
+    assert manifest["validation_fraction"] == config.data.validation_fraction == 0.05
     assert [e["file"] for e in manifest["shards"]] == [f"shard-{i:05d}-of-{total:05d}.h5" for i in range(total)]
     for entry in manifest["shards"]:
         with h5py.File(out / entry["file"], "r") as f:
@@ -78,7 +81,7 @@ def test_manifest_and_shard_layout(config, dataset):
 
 def test_every_row_once_and_the_split(config, dataset):
     out, manifest = dataset
-    got = {s: load_split(out, s) for s in ("train", "test", "holdout")}
+    got = {s: load_split(out, s) for s in SPLITS}
     index = np.concatenate([g["index"] for g in got.values()])
     grid = classes_to_index(factor_classes(config.data.strides))
     assert len(index) == len(grid) and set(index) == set(grid)  # every row exactly once
@@ -92,9 +95,50 @@ def test_every_row_once_and_the_split(config, dataset):
     assert holdout_mask(all_classes, config.data.holdout).sum() == len(held)
     rest = len(grid) - len(held)
     assert len(got["test"]["index"]) == round(config.data.test_fraction * rest)
+    assert len(got["validation"]["index"]) == round(config.data.validation_fraction * rest)
     # A seeded random order: shard rows are not in grid order.
     assert not (np.diff(got["train"]["index"]) > 0).all()
     assert load_split(out, "train", limit=10)["imgs"].shape == (10, 64, 64)
+
+
+def test_validation_is_seeded_disjoint_from_test_and_optional():
+    classes = factor_classes({"orientation": 10, "pos_x": 4, "pos_y": 4})
+    holdout = [{"shape": [2], "scale": [5]}]
+    rows = split_rows(classes, 0.1, holdout, seed=0, validation_fraction=0.2)
+    rest = len(classes) - holdout_mask(classes, holdout).sum()
+    assert (len(rows["test"]), len(rows["validation"])) == (round(0.1 * rest), round(0.2 * rest))
+    everything = np.concatenate([rows[s] for s in SPLITS])
+    assert len(everything) == len(set(everything)) == len(classes)  # disjoint, every row once
+    assert not holdout_mask(classes[rows["validation"]], holdout).any()
+    # Seeded: the same seed draws the same rows, another seed others; the test rows do not
+    # depend on the validation fraction, and 0 means no validation split.
+    again = split_rows(classes, 0.1, holdout, seed=0, validation_fraction=0.2)
+    assert all(np.array_equal(rows[s], again[s]) for s in SPLITS)
+    other = split_rows(classes, 0.1, holdout, seed=1, validation_fraction=0.2)
+    assert set(rows["validation"]) != set(other["validation"])
+    none = split_rows(classes, 0.1, holdout, seed=0, validation_fraction=0.0)
+    assert len(none["validation"]) == 0 and np.array_equal(none["test"], rows["test"])
+
+
+def test_no_validation_split_and_old_manifests(config, tmp_path):
+    from cvae.make_queries import SpecError, split_indices
+
+    config.data.validation_fraction = 0.0
+    try:
+        manifest = write_dataset(config, tmp_path / "none")
+    finally:
+        config.data.validation_fraction = 0.05
+    assert manifest["counts"]["validation"] == 0
+    assert "validation" not in {e["split"] for e in manifest["shards"]}
+    assert split_shards(manifest, "validation") == []
+    with pytest.raises(SpecError, match="no 'validation' rows"):
+        split_indices(tmp_path / "none", "validation")
+    # A manifest written before the validation split: no counts.validation, no such shards.
+    edit_manifest(tmp_path / "none", lambda m: (m["counts"].pop("validation"),
+                                                m.pop("validation_fraction")))
+    old = verify_dataset(tmp_path / "none")
+    assert old["counts"] == {**manifest["counts"], "validation": 0}
+    assert len(load_split(tmp_path / "none", "validation")["index"]) == 0
 
 
 def test_holdout_rules_are_or_of_ands():
@@ -321,6 +365,8 @@ def test_manifest_that_disagrees_with_its_shards(dataset, tmp_path):
 
 @pytest.mark.parametrize("override, key", [
     ({"data.test_fraction": 1.5}, "config.data.test_fraction"),
+    ({"data.validation_fraction": 1.0}, "config.data.validation_fraction"),
+    ({"data.test_fraction": 0.6, "data.validation_fraction": 0.4}, "config.data.validation_fraction"),
     ({"data.compression": "zstd"}, "config.data.compression"),
     ({"data.num_shards": 0}, "config.data.num_shards"),
     ({"data.strides": {"colour": 2}}, "config.data.strides.colour"),

@@ -55,10 +55,12 @@ def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert all(r["workers"] == 1 and r["attempt"] == 0 for r in result.history)
     losses = [r["train_loss"] for r in result.history]
-    assert losses[-1] < losses[0] and all(np.isfinite(r["test_loss"]) for r in result.history)
+    assert losses[-1] < losses[0]
+    assert all(np.isfinite(r[f"{s}_loss"]) for r in result.history for s in ("validation", "test"))
     assert "holdout_loss" in result.history[-1]  # tiny.yaml holds one combination out
+    assert result.best_by == "validation_loss"
     model = check_checkpoint(result.latest_checkpoint, 3)
-    # keep_checkpoints: 2 -- the best two by test loss, and the latest in any case.
+    # keep_checkpoints: 2 -- the best two by validation loss, and the latest in any case.
     assert len(list(Path(result.run_dir).glob("checkpoint_epoch_*"))) <= 3
     assert Path(result.best_checkpoint).is_dir()
     for key in ("metrics_json", "metrics_csv", "loss_curve", "reconstructions"):
@@ -74,6 +76,35 @@ def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
     # Local mode resumes too: a rerun with the same name and more epochs continues.
     again = run_training(tiny_config(num_workers=0, epochs=4), tiny_data, tmp_path, run_name="local")
     assert [(r["epoch"], r["attempt"]) for r in again.history] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+
+
+@pytest.mark.parametrize("validation_fraction, best_by, best_epoch", [
+    (0.05, "validation_loss", 2),  # validation chooses, whatever the test loss says
+    (0.0, "test_loss", 3),  # no validation split: test loss chooses
+])
+def test_best_checkpoint_is_chosen_by_validation_loss(tmp_path, monkeypatch, validation_fraction,
+                                                      best_by, best_epoch):
+    import cvae.train as train_module
+
+    config = load_config(CONFIG, {"data.validation_fraction": validation_fraction,
+                                  "train.num_workers": 0, "train.epochs": 3,
+                                  "train.max_steps_per_epoch": 1})
+    write_dataset(config, tmp_path / "data")
+    # Losses per split and epoch that disagree: validation is lowest at epoch 2, test at 3.
+    losses = {"validation": [5.0, 1.0, 3.0], "test": [5.0, 4.0, 2.0], "holdout": [1.0, 1.0, 1.0]}
+    calls = {split: 0 for split in losses}
+
+    def fake_evaluate(model, reader, device):
+        calls[reader.split] += 1
+        return losses[reader.split][calls[reader.split] - 1]
+
+    monkeypatch.setattr(train_module, "_evaluate", fake_evaluate)
+    result = run_training(config, tmp_path / "data", tmp_path / "train", run_name="best")
+    assert calls == {"validation": 3 if validation_fraction else 0, "test": 3, "holdout": 3}
+    assert result.best_by == best_by
+    assert result.best_metrics["epoch"] == best_epoch
+    assert Path(result.best_checkpoint).name == f"checkpoint_epoch_{best_epoch:05d}"
+    assert ("validation_loss" in result.history[0]) == bool(validation_fraction)
 
 
 def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
