@@ -11,7 +11,6 @@ import os
 import tempfile
 import time
 
-
 from cvae.config import load_config
 from cvae.grid import factor_classes
 from cvae.reader import ShardReader, load_split

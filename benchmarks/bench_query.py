@@ -45,7 +45,7 @@ from cvae.checkpoint import save_checkpoint
 from cvae.config import Config
 from cvae.engine import run_query_job
 from cvae.model import NUM_PIXELS, SupervisedVAE
-from cvae.queries import QUERY_SCHEMA, answer_queries
+from cvae.queries import answer_queries
 from cvae.render import RENDERER_VERSION
 from cvae.scm import FactorSCM, ImageSCM
 

@@ -2,9 +2,10 @@
 
     python -m benchmarks.fit_renderer [--shape heart] [--steps 800] [--holdout]
 
-Per shape, starting from the current `SHAPES`, the parameters of `ShapeGeometry` (size = slope * scale + offset, the coverage
-threshold, and the outline: the square's half-side, the ellipse's axis ratio, the heart's
-radius at 33 angles; the square's size is fixed at its measured 10 * scale) are fitted by gradient descent on a smooth stand-in for pixel
+Per shape, starting from the current `SHAPES`, the parameters of `ShapeGeometry` (size =
+slope * scale + offset, the coverage threshold, and the outline: the square's half-side, the
+ellipse's axis ratio, the heart's radius at 33 angles; the square's size is fixed at its
+measured 10 * scale) are fitted by gradient descent on a smooth stand-in for pixel
 agreement: each pixel's coverage is the mean of 6 x 6 samples of a sigmoid of the signed
 distance to the outline, and a frame's pixels pay softplus((threshold - coverage) / 0.05)
 when on (the reverse when off). The heart's radii also pay for curvature (a smoothness

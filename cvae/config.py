@@ -10,11 +10,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
-from cvae.grid import FACTORS, FACTOR_SIZES
+from cvae.grid import FACTOR_SIZES, FACTORS
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     generator: str = "render"  # render | import | scm (sample a dataset from the causal SCM)
-    official_path: Optional[str] = None  # the official .npz or .hdf5, for generator: import
+    official_path: str | None = None  # the official .npz or .hdf5, for generator: import
     num_shards: int = 8
     strides: dict = field(default_factory=dict)  # e.g. {orientation: 4, pos_x: 2}
     test_fraction: float = 0.1
@@ -86,7 +86,7 @@ class ModelConfig:
     hidden: int = 1000  # width of the mlp's hidden layers
     # sprite only: learn the position maps (the default, null) or freeze them (false) at
     # their whole-pixel starting guess
-    learn_translation: Optional[bool] = None
+    learn_translation: bool | None = None
 
     def validate(self, where: str) -> None:
         _one_of(self.arch, ("mlp", "conv", "sprite"), f"{where}.arch")
@@ -196,8 +196,8 @@ class Config:
     name: str = "local"
     seed: int = 0
     out: str = "runs/local"  # a local path or a pyarrow-filesystem URI
-    ray_address: Optional[str] = None  # None: a local Ray started in-process
-    num_cpus: Optional[int] = None  # resources for the in-process Ray; None: Ray's default
+    ray_address: str | None = None  # None: a local Ray started in-process
+    num_cpus: int | None = None  # resources for the in-process Ray; None: Ray's default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

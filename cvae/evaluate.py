@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -381,7 +381,7 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
         counter[1] += time.perf_counter() - started
         scores = score(images, true_cf, do, factual, preserved, readback)
         _add(st.groups, name, names, parts if name == "model" else everything,
-             lambda s, mask: s.add(scores, mask, do, preserved))
+             lambda s, mask: s.add(scores, mask, do, preserved))  # noqa: B023 (_add calls it at once)
 
     # Composition, the SCM's way: a null intervention returns the factual image exactly.
     st.null[0] += int(null.sum())
@@ -606,7 +606,7 @@ def headline(report: dict) -> list[str]:
                      f"effectiveness {_fmt(null['effectiveness'])}, preservation {_fmt(null['preservation'])}")
     own = report["composition"].get("model") or {}
     if own.get("count"):
-        lines.append(f"model composition (encode-decode, IoU with the factual image): "
+        lines.append("model composition (encode-decode, IoU with the factual image): "
                      + ", ".join(f"k={k} {_fmt(v)}" for k, v in own["iou"].items()))
     parts = []
     for name, section in report["controls"].items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvae.grid import SHAPE_NAMES, IMAGE_SIZE
+from cvae.grid import IMAGE_SIZE, SHAPE_NAMES
 from cvae.render import render
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "official_frames.npz"

@@ -5,8 +5,6 @@ A dataset's manifest says which: rendered and SCM-sampled datasets are drawn by
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from cvae.errors import DataError
@@ -15,18 +13,18 @@ from cvae.render import RENDERER_VERSION, render
 
 
 class GroundTruth:
-    def __init__(self, generator: str = "render", official_path: Optional[str] = None):
+    def __init__(self, generator: str = "render", official_path: str | None = None):
         if generator not in ("render", "import"):
             raise ValueError(f"generator must be 'render' or 'import', got {generator!r}")
         if generator == "import" and not official_path:
             raise ValueError("generator 'import' needs official_path")
         self.generator, self.official_path = generator, official_path
-        self._imgs: Optional[np.ndarray] = None  # the official file's images, once read
-        self._sorted_index: Optional[np.ndarray] = None  # its rows' official indices, sorted
-        self._rows: Optional[np.ndarray] = None  # row of each sorted index
+        self._imgs: np.ndarray | None = None  # the official file's images, once read
+        self._sorted_index: np.ndarray | None = None  # its rows' official indices, sorted
+        self._rows: np.ndarray | None = None  # row of each sorted index
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "GroundTruth":
+    def from_manifest(cls, manifest: dict) -> GroundTruth:
         generator = manifest.get("generator")
         if generator == "import":
             return cls("import", manifest.get("official_path"))

@@ -20,7 +20,8 @@ import logging
 import os
 import secrets
 import sys
-from typing import Any, MutableMapping, Optional
+from collections.abc import MutableMapping
+from typing import Any
 
 AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # ray.init arguments that only make sense when starting Ray; connecting with them is an error.
@@ -47,7 +48,7 @@ def quiet_workers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def init_ray(address: Optional[str] = None, **kwargs: Any):
+def init_ray(address: str | None = None, **kwargs: Any):
     """ray.init for a job: connect to `address` or RAY_ADDRESS, else start a secured local Ray.
 
     kwargs go to ray.init (num_cpus, log_to_driver, ...); those that only apply to starting

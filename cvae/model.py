@@ -200,7 +200,7 @@ class SupervisedVAE(nn.Module):
         self.elbo = Trace_ELBO()
 
     @classmethod
-    def from_config(cls, model) -> "SupervisedVAE":
+    def from_config(cls, model) -> SupervisedVAE:
         """A fresh module for a config's `model` section (cvae.config.ModelConfig)."""
         learn = True if model.learn_translation is None else model.learn_translation
         return cls(model.arch, model.z_dim, model.hidden, learn)

@@ -10,9 +10,9 @@ repeated. The order is a function of (seed, epoch, rank) alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ class ShardReader:
                 f.close()
 
 
-def load_split(data_dir: str | Path, split: str, limit: Optional[int] = None,
+def load_split(data_dir: str | Path, split: str, limit: int | None = None,
                verify: bool = True) -> dict[str, np.ndarray]:
     """All rows of a split (or its first `limit`), in shard order, as numpy arrays:
     "imgs" uint8 (n, 64, 64), "classes" int64 (n, 5), "index" int64 (n,)."""

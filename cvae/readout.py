@@ -118,7 +118,7 @@ class Readout:
             raise RuntimeError("two different ground-truth images share a 64-bit hash")
 
     @classmethod
-    def of(cls, truth) -> "Readout":
+    def of(cls, truth) -> Readout:
         """The readout over every image of a `GroundTruth`, built once per process (the
         last one built is kept, per generator and official file)."""
         key = (truth.generator, truth.official_path)

@@ -137,12 +137,12 @@ class FactorSCM:
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def uniform(cls) -> "FactorSCM":
+    def uniform(cls) -> FactorSCM:
         """dSprites' own SCM: independent, uniform factors."""
         return cls([], {})
 
     @classmethod
-    def from_config(cls, scm_config, data_dir: str | Path | None = None) -> "FactorSCM":
+    def from_config(cls, scm_config, data_dir: str | Path | None = None) -> FactorSCM:
         """From a `ScmConfig`: tables uniform, given in the config, or fitted from the train split."""
         edges = [tuple(e) for e in scm_config.edges]
         if scm_config.tables == "uniform":
@@ -163,7 +163,7 @@ class FactorSCM:
         raise ScmError(f"unknown tables mode {scm_config.tables!r}")
 
     @classmethod
-    def fit(cls, edges: list, classes: np.ndarray, smoothing: float = 1.0) -> "FactorSCM":
+    def fit(cls, edges: list, classes: np.ndarray, smoothing: float = 1.0) -> FactorSCM:
         """Tables by counting rows of (n, 5) classes, plus `smoothing` in every cell.
 
         A parent combination never seen (possible only with smoothing 0) gets a uniform row.
@@ -187,7 +187,7 @@ class FactorSCM:
                 "tables": {f: self.tables[f].tolist() for f in FACTORS}}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FactorSCM":
+    def from_dict(cls, data: dict) -> FactorSCM:
         try:
             return cls(data["edges"], {f: np.asarray(t) for f, t in data["tables"].items()})
         except (KeyError, TypeError, AttributeError) as exc:
@@ -396,7 +396,7 @@ class ImageSCM:
         self.ground_truth = ground_truth
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> "ImageSCM":
+    def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> ImageSCM:
         """Load the VAE and the SCM recorded in the checkpoint's meta ("scm", "config", "manifest")."""
         from cvae.checkpoint import load_checkpoint
 
@@ -452,7 +452,8 @@ class ImageSCM:
         for f in self.factors.order:
             i = FACTORS.index(f)
             k = FACTOR_SIZES[f]
-            g = pyro.sample(f"U_{f}", dist.Gumbel(torch.zeros(k, dtype=torch.float64), 1.0, validate_args=False).to_event(1))
+            g = pyro.sample(f"U_{f}", dist.Gumbel(torch.zeros(k, dtype=torch.float64), 1.0,
+                                                  validate_args=False).to_event(1))
             value = self.factors.mechanism(f, classes.numpy(), g.numpy())
             classes[:, i] = pyro.sample(f, dist.Delta(torch.as_tensor(value, dtype=torch.long), validate_args=False))
         return classes
@@ -466,7 +467,8 @@ class ImageSCM:
         u_z = pyro.sample("U_z", dist.Normal(torch.zeros(self.z_dim), 1.0, validate_args=False).to_event(1))
         z = pyro.deterministic("z", u_z, event_dim=1)
         p = self.pixel_probs(z, classes).cpu()
-        u_x = pyro.sample("U_x", dist.Uniform(torch.zeros(NUM_PIXELS, dtype=torch.float64), 1.0, validate_args=False).to_event(1))
+        u_x = pyro.sample("U_x", dist.Uniform(torch.zeros(NUM_PIXELS, dtype=torch.float64), 1.0,
+                                              validate_args=False).to_event(1))
         return pyro.deterministic("x", (u_x < p).to(torch.uint8), event_dim=1)
 
     def model(self, n: int) -> torch.Tensor:

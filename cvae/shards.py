@@ -16,16 +16,24 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import h5py
 import numpy as np
 
 from cvae.config import Config, ConfigError
 from cvae.errors import DataError
-from cvae.grid import (FACTORS, IMAGE_SIZE, LATENT_SIZES, LATENTS, classes_to_index,
-                       classes_to_values, factor_classes, rule_mask)
+from cvae.grid import (
+    FACTORS,
+    IMAGE_SIZE,
+    LATENT_SIZES,
+    LATENTS,
+    classes_to_index,
+    classes_to_values,
+    factor_classes,
+    rule_mask,
+)
 from cvae.render import RENDERER_VERSION, check_classes, render
 
 __all__ = ["DataError", "write_dataset", "read_manifest", "verify_dataset", "split_shards",
@@ -106,7 +114,7 @@ def _strided(classes: np.ndarray, strides: dict) -> np.ndarray:
     return keep
 
 
-def generate(config: Config) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
+def generate(config: Config) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(n, 5) factor classes of the dataset's rows, their images when they come from a
     file (None: rendered on the fly), and the manifest's record of where they came from."""
     data = config.data
@@ -151,8 +159,8 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: str | Path, classes: np.ndarray, imgs: Optional[np.ndarray] = None,
-                compression: str = "lzf", chunk_rows: int = 256, attrs: Optional[dict] = None) -> dict:
+def write_shard(path: str | Path, classes: np.ndarray, imgs: np.ndarray | None = None,
+                compression: str = "lzf", chunk_rows: int = 256, attrs: dict | None = None) -> dict:
     """Write one shard of (n, 5) factor classes, rendering the images unless given.
 
     Atomic: written to a temp file beside `path`, checksummed, then renamed.
@@ -185,7 +193,7 @@ def write_shard(path: str | Path, classes: np.ndarray, imgs: Optional[np.ndarray
 
 
 def write_dataset(config: Config, out_dir: str | Path,
-                  progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
+                  progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Generate the dataset `config.data` describes into `out_dir`; returns the manifest.
 
     `progress(done, total, entry)` is called after each shard.

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from cvae.checkpoint import CheckpointError
-    from cvae.engine import OutputLocationError
     from cvae.config import Config, ConfigError, load_config
+    from cvae.engine import OutputLocationError
     from cvae.queries import QuerySchemaError
     from cvae.scm import ScmError
 

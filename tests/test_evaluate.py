@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cvae.checkpoint import load_meta, save_checkpoint
-from cvae.evaluate import (STRATA, EvaluationError, _figure_label, descendants, evaluate, iou,
-                           pixel_error, stratified)
+from cvae.evaluate import STRATA, EvaluationError, _figure_label, descendants, evaluate, iou, pixel_error, stratified
 from cvae.grid import FACTORS, classes_to_index, index_to_classes
 from cvae.groundtruth import GroundTruth
 from cvae.images import decode_image, encode_pngs

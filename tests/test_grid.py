@@ -2,9 +2,18 @@
 import numpy as np
 import pytest
 
-from cvae.grid import (FACTORS, LATENT_SIZES, LATENT_VALUES, NUM_IMAGES, classes_to_index,
-                       classes_to_values, factor_classes, grid_indices, index_to_classes,
-                       values_to_classes)
+from cvae.grid import (
+    FACTORS,
+    LATENT_SIZES,
+    LATENT_VALUES,
+    NUM_IMAGES,
+    classes_to_index,
+    classes_to_values,
+    factor_classes,
+    grid_indices,
+    index_to_classes,
+    values_to_classes,
+)
 
 
 def test_full_grid_round_trip():

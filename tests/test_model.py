@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from cvae.checkpoint import (
-    CheckpointError, load_checkpoint, load_optimizer_state, save_checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
 )
 from cvae.model import CANVAS, SupervisedVAE, one_hot, translation
-from cvae.render import ORIGIN, STEP, render
+from cvae.render import render
 
 
 def _batch(n=16, seed=0):

@@ -20,8 +20,8 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.dataset as pads

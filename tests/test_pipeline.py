@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 
 from cvae.config import load_config
 from cvae.engine import read_output
-from cvae.reader import load_split
 from cvae.pipeline import run_pipeline
+from cvae.reader import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -109,7 +109,8 @@ def test_valid_rows_of_every_kind_are_answered(scm):
     by_id = {r["query_id"]: r for r in results.to_pylist()}
     assert by_id["condition"]["shape"] == 1 and by_id["condition"]["factual_shape"] is None
     assert by_id["intervene"]["scale"] == 3 and by_id["intervene"]["pos_x"] == 5
-    assert by_id["counterfactual_png"]["shape"] == 2 and by_id["counterfactual_png"]["factual_shape"] == CLASSES["shape"]
+    assert by_id["counterfactual_png"]["shape"] == 2
+    assert by_id["counterfactual_png"]["factual_shape"] == CLASSES["shape"]
     assert by_id["counterfactual_index"]["pos_y"] == 0
     # the raw-image row has no intervention: its world is the factual one, its image the factual image
     assert by_id["counterfactual_raw"]["image"] == encode_png(IMAGE)
@@ -172,7 +173,7 @@ def test_fuzz_every_row_is_answered_or_reported_exactly_once(scm, specs, duplica
         if j < len(rows) and len(rows) > 1 and rows[j]["query_id"] is not None:
             rows[(j + 1) % len(rows)]["query_id"] = rows[j]["query_id"]
     ids = [r["query_id"] for r in rows]
-    for i, (spec, row) in enumerate(zip(specs, rows)):
+    for spec, row in zip(specs, rows):
         if spec[1] is None and ids.count(row["query_id"]) == 1:
             expected_valid[row["query_id"]] = row["num_samples"]
     results, errors = answer_queries(scm, table(rows), max_samples=8)

@@ -15,8 +15,16 @@ from cvae.grid import classes_to_index, classes_to_values, factor_classes
 from cvae.groundtruth import GroundTruth
 from cvae.reader import ShardReader, load_split
 from cvae.render import render
-from cvae.shards import (MANIFEST, SPLITS, holdout_mask, read_manifest, split_rows, split_shards,
-                         verify_dataset, write_dataset)
+from cvae.shards import (
+    MANIFEST,
+    SPLITS,
+    holdout_mask,
+    read_manifest,
+    split_rows,
+    split_shards,
+    verify_dataset,
+    write_dataset,
+)
 from jobs.prepare_data import main as prepare_data
 
 TINY = "configs/tiny.yaml"
@@ -160,7 +168,7 @@ def test_same_seed_same_files_other_seed_other_split(config, dataset, tmp_path):
             np.testing.assert_array_equal(a["imgs"][()], b["imgs"][()])
     config.seed = 1
     try:
-        other = write_dataset(config, tmp_path / "other")
+        write_dataset(config, tmp_path / "other")
     finally:
         config.seed = 0
     a = load_split(out, "test")["index"]
@@ -256,7 +264,7 @@ def test_interrupted_write_leaves_no_manifest_and_no_partial_shard(config, datas
     with pytest.raises(DataError, match="no manifest"):
         read_manifest(out)
     names = [p.name for p in out.iterdir()]
-    assert not any(re.search(r"\.tmp-%d$" % os.getpid(), n) for n in names)  # our temp file removed
+    assert not any(re.search(rf"\.tmp-{os.getpid()}$", n) for n in names)  # our temp file removed
     # A complete rerun gives a valid dataset and removes what the killed run left.
     monkeypatch.setattr(shards_module, "render", real_render)
     write_dataset(config, out)
