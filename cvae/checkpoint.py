@@ -5,15 +5,28 @@ A checkpoint directory holds `model.pt` (a state dict read back with
 `checkpoint.json` (model spec, config, data manifest summary, epoch, metrics) and,
 for checkpoints training can resume from, `optimizer.pt` (the optimizer's state dict:
 tensors and plain containers only, so it loads with `weights_only=True` too).
+
+Wherever a checkpoint path is taken (`jobs.query`, `jobs.evaluate`, `run_query_job`,
+`evaluate`), `resolve_checkpoint` also accepts a training run folder: one holding
+`checkpoint_epoch_*` folders (`runs/local/train/local`), or one whose only run is one level
+down (`runs/local/train`). It takes the run's best checkpoint (lowest validation loss, else
+lowest test loss, else the latest epoch) and says which in one line. `check_checkpoint`
+loads a checkpoint once in the driver, so a missing, corrupt or malicious `model.pt` is
+refused with one line before any Ray work.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import re
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
 from cvae.model import SupervisedVAE
@@ -21,6 +34,7 @@ from cvae.model import SupervisedVAE
 WEIGHTS = "model.pt"
 META = "checkpoint.json"
 OPTIMIZER = "optimizer.pt"
+EPOCH_PREFIX = "checkpoint_epoch_"  # the trainer's checkpoint folders inside a run folder
 
 
 class CheckpointError(ValueError):
@@ -61,6 +75,139 @@ def load_meta(directory: str | Path) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
+
+
+def resolve_checkpoint(path: str | Path, say: Callable[[str], None] | None = None) -> str:
+    """The checkpoint folder `path` names (path or URI), returned as given; or, for a training
+    run folder, its best checkpoint, announced with one line through `say` (default: stderr).
+
+    A run folder holds `checkpoint_epoch_*` folders directly, or one level down (the
+    trainer's output folder holding `<run name>/`). The best is the one with the lowest
+    `validation_loss` in its checkpoint.json `metrics`, else the lowest `test_loss`, else
+    the latest epoch; ties go to the later epoch. Raises CheckpointError naming the path and
+    what was expected otherwise.
+    """
+    from cvae import fs
+
+    expected = (f"expected a checkpoint folder (holding {META} and {WEIGHTS}) or a training run "
+                f"folder (holding {EPOCH_PREFIX}* folders, directly or one level down)")
+    try:
+        filesystem, root = fs.resolve(path)
+        info = filesystem.get_file_info(root)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"not a checkpoint: {path}: cannot open: {exc}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise CheckpointError(f"not a checkpoint: {path}: no such folder; {expected}")
+    if info.type != pafs.FileType.Directory:
+        raise CheckpointError(f"not a checkpoint: {path}: not a folder; {expected}")
+    root = root.rstrip("/")
+    if filesystem.get_file_info(f"{root}/{META}").type == pafs.FileType.File:
+        return str(path)
+    epochs = _epoch_folders(filesystem, root)
+    run = str(path)
+    if not epochs:
+        runs = [(sub.base_name, found) for sub in _subfolders(filesystem, root)
+                if (found := _epoch_folders(filesystem, sub.path))]
+        if not runs:
+            raise CheckpointError(f"not a checkpoint: {path}: no {META} and no {EPOCH_PREFIX}* folders in it or one "
+                                  f"level down; {expected}")
+        if len(runs) > 1:
+            names = ", ".join(name for name, _ in runs)
+            raise CheckpointError(f"{path}: holds {len(runs)} training runs ({names}); pass one of "
+                                  f"them, or one checkpoint folder")
+        run = fs.join(path, runs[0][0])
+        epochs = runs[0][1]
+    candidates = []
+    for name in epochs:
+        try:
+            candidates.append((fs.join(run, name), load_meta(fs.join(run, name))))
+        except CheckpointError:
+            continue  # a checkpoint cut short by a crash
+    if not candidates:
+        raise CheckpointError(f"{run}: none of its {len(epochs)} {EPOCH_PREFIX}* folders holds a "
+                              f"readable {META}")
+    chosen, why = _best(candidates)
+    (say or _to_stderr)(f"checkpoint: {chosen} ({why}, of {len(candidates)} in {run})")
+    return chosen
+
+
+def check_checkpoint(path: str | Path) -> dict:
+    """Load the checkpoint at `path` (path or URI) once, on the CPU, and return its meta.
+
+    Raises CheckpointError, naming the file, for a missing or malformed checkpoint.json or
+    a missing, truncated or malicious model.pt (never executed), and for weights that do
+    not fit the model spec: the driver calls this before starting Ray or any actor.
+    """
+    from cvae import fs
+
+    meta = load_meta(path)  # a missing or broken checkpoint.json, named as given
+    _check_world(path, meta)
+    if not fs.is_uri(path):
+        return load_checkpoint(path)[1]
+    weights = fs.join(path, WEIGHTS)
+    try:
+        with fs.staged(path, only=[WEIGHTS, META]) as local:
+            try:
+                return load_checkpoint(local)[1]
+            except CheckpointError as exc:  # name the URI, not the staged copy
+                raise CheckpointError(str(exc).replace(str(local), str(path).rstrip("/"))) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"not a checkpoint: {weights} is missing") from None
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"not a checkpoint: {weights}: {exc}") from None
+
+
+def _check_world(path: str | Path, meta: dict) -> None:
+    """The checkpoint's data must be ground truth this cvae can draw: a model trained on
+    another renderer's images (an older version) is refused, naming both versions."""
+    from cvae.errors import DataError
+    from cvae.groundtruth import GroundTruth
+
+    if meta.get("manifest"):
+        try:
+            GroundTruth.from_manifest(meta["manifest"])
+        except DataError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _subfolders(filesystem: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    try:
+        found = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted((f for f in found if f.type == pafs.FileType.Directory), key=lambda f: f.base_name)
+
+
+def _epoch_folders(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    return [f.base_name for f in _subfolders(filesystem, folder) if f.base_name.startswith(EPOCH_PREFIX)]
+
+
+def _epoch(checkpoint: str, meta: dict) -> int:
+    epoch = meta.get("epoch", (meta.get("metrics") or {}).get("epoch"))
+    if isinstance(epoch, int):
+        return epoch
+    digits = re.findall(r"\d+", checkpoint.rstrip("/").rsplit("/", 1)[-1])
+    return int(digits[-1]) if digits else -1
+
+
+def _best(candidates: list[tuple[str, dict]]) -> tuple[str, str]:
+    """(checkpoint, why): lowest validation loss, else lowest test loss, else latest epoch."""
+    for metric in ("validation_loss", "test_loss"):
+        scored = []
+        for checkpoint, meta in candidates:
+            value = (meta.get("metrics") or {}).get(metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                scored.append((value, -_epoch(checkpoint, meta), checkpoint))
+        if scored:
+            value, neg_epoch, checkpoint = min(scored)
+            name = metric.replace("_", " ")
+            return checkpoint, f"epoch {-neg_epoch}: the lowest {name}, {value:.4g}"
+    checkpoint, meta = max(candidates, key=lambda cm: _epoch(*cm))
+    return checkpoint, f"epoch {_epoch(checkpoint, meta)}: the latest; none records a validation or test loss"
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[SupervisedVAE, dict]:

@@ -41,6 +41,7 @@ from ray.data import Datasink
 
 from cvae import fs as cfs
 from cvae.config import ConfigError
+from cvae.errors import OutputLocationError
 from cvae.localray import init_ray
 from cvae.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
 
@@ -49,11 +50,6 @@ from cvae.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_q
 COMBINED_SCHEMA = pa.schema(list(RESULT_SCHEMA) + [pa.field("error", pa.string())])
 SUCCESS = "_SUCCESS.json"
 STAGING_PREFIX = "_staging-"
-
-
-class OutputLocationError(ValueError):
-    """An output path or URI that cannot be opened (unknown scheme, bad bucket, no access)."""
-
 
 
 def _is_input(relative: str) -> bool:
@@ -261,18 +257,24 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
                   ray_address: str | None = None, num_cpus: int | None = None) -> dict:
     """Answer every query of a Parquet file or folder into out_dir (see the module docstring).
 
-    Each of the three locations may be a local path or a pyarrow filesystem URI. Uses the
-    running Ray, else connects to `ray_address` (or starts a local Ray with `num_cpus`)
-    after the input checks. Raises QuerySchemaError before any work for a whole-input
-    problem; bad rows go to out_dir/errors.
+    Each of the three locations may be a local path or a pyarrow filesystem URI; the
+    checkpoint may also be a training run folder (its best checkpoint is used, see
+    cvae.checkpoint.resolve_checkpoint). Before any Ray work the checkpoint is loaded once
+    (CheckpointError), the queries checked (QuerySchemaError) and the output location
+    created and written to (OutputLocationError). Then uses the running Ray, else connects
+    to `ray_address` (or starts a local Ray with `num_cpus`). Bad rows go to out_dir/errors.
     """
     import ray
 
-    from cvae.checkpoint import load_meta
+    from cvae.checkpoint import check_checkpoint, resolve_checkpoint
 
     started = time.time()
-    load_meta(checkpoint_dir)  # a missing or broken checkpoint fails here, not in every actor
+    # A run folder becomes its best checkpoint; a missing, corrupt or malicious checkpoint
+    # fails here in the driver, before Ray starts, not in every actor.
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir)
+    check_checkpoint(checkpoint_dir)
     fs, files, rows, duplicates = inspect_queries(queries_path)
+    cfs.check_writable(out_dir)  # /proc/x or a read-only bucket fails here, not after the actors
     # Actors may run on other nodes: give them an absolute path (or the URI as is).
     checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
     try:

@@ -3,3 +3,8 @@
 
 class DataError(ValueError):
     """Data that cannot be trusted or used: damaged, truncated, missing or inconsistent."""
+
+
+class OutputLocationError(ValueError):
+    """An output path or URI that cannot be opened, created or written (unknown scheme, bad
+    bucket, no access, a read-only or virtual filesystem such as /proc)."""

@@ -262,12 +262,14 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
              composition_samples: int = 256) -> dict:
     """Evaluate the counterfactual results in `results` against ground truth; writes
     report.json, report.md and figures/*.png under `out_dir` (paths or URIs) and returns
-    the report."""
-    from cvae.checkpoint import load_meta
+    the report. `checkpoint` may be a training run folder: its best checkpoint is used
+    (cvae.checkpoint.resolve_checkpoint)."""
+    from cvae.checkpoint import load_meta, resolve_checkpoint
     from cvae.groundtruth import GroundTruth
     from cvae.readout import Readout
     from cvae.scm import ImageSCM
 
+    checkpoint = resolve_checkpoint(checkpoint)
     with fs.staged(results) as results_local, fs.staged(queries) as queries_local, \
             fs.staged(checkpoint) as ckpt_local, fs.local_output(out_dir) as out_local:
         meta = load_meta(ckpt_local)

@@ -6,6 +6,8 @@ Jobs read and write through three helpers:
   for libraries that need a local file, and removes the copy afterwards;
 - `local_output(path)` yields a local directory to write into and, for a URI, uploads it
   when the block finishes without error.
+`check_writable(path)` lets a job refuse an output location it cannot write before it
+starts any work.
 A plain local path is used in place: nothing is copied.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +48,41 @@ def join(base: str | Path, *parts: str) -> str:
 def exists(path: str | Path) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def check_writable(path: str | Path) -> None:
+    """Check that the output folder `path` (path or URI) can be created and written.
+
+    Through the path's pyarrow filesystem: creates the folder (and missing parents), writes
+    and deletes a probe file in it, then removes the folders it created, so a job that fails
+    later leaves nothing behind. Raises OutputLocationError, one line naming the path.
+    """
+    from cvae.errors import OutputLocationError
+
+    try:
+        filesystem, root = resolve(path)
+        root = root.rstrip("/") or "/"
+        created = None  # the topmost folder this check creates
+        probe_dir = root
+        while filesystem.get_file_info(probe_dir).type == pafs.FileType.NotFound:
+            created = probe_dir
+            parent = probe_dir.rsplit("/", 1)[0]
+            if not parent or parent == probe_dir:
+                break
+            probe_dir = parent
+        try:
+            filesystem.create_dir(root, recursive=True)
+            probe = f"{root.rstrip('/')}/.cvae-write-check-{uuid.uuid4().hex}"
+            with filesystem.open_output_stream(probe) as fh:
+                fh.write(b"")
+            filesystem.delete_file(probe)
+        finally:
+            if created is not None:
+                with contextlib.suppress(OSError):
+                    filesystem.delete_dir(created)
+    except (ValueError, OSError, NotImplementedError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OutputLocationError(f"output {path}: cannot be created or written: {reason}") from None
 
 
 def read_bytes(path: str | Path) -> bytes:

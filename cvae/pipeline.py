@@ -53,6 +53,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         stages[name] = time.time()
         print(f"\n== {name} " + "=" * (60 - len(name)), flush=True)
 
+    fs.check_writable(out)  # an unwritable output fails now, not after Ray starts
     if not ray.is_initialized():
         init_ray(config.ray_address, num_cpus=config.num_cpus, log_to_driver=True)
 

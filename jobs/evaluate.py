@@ -1,8 +1,15 @@
 """Evaluate counterfactual results against ground truth: report.json, report.md, figures/.
 
-    python -m jobs.evaluate --results runs/local/answers --queries runs/local/queries \
-        --checkpoint runs/local/checkpoint --out runs/local/eval [--data runs/local/data]
+    python -m jobs.evaluate --results DIR --queries PATH --checkpoint CKPT --out DIR [--data DIR]
 
+For example, after the quickstart (python -m jobs.pipeline --config configs/local.yaml):
+
+    python -m jobs.evaluate --results runs/local/answers --queries runs/local/queries \
+        --checkpoint runs/local/train/local --out runs/local/eval-again
+
+--checkpoint is one checkpoint folder (holding checkpoint.json and model.pt) or a training
+run folder (runs/local/train/local, or runs/local/train which holds it), whose best
+checkpoint is used (lowest validation loss, else test loss, else the latest epoch).
 --results is the query engine's output folder (results/, errors/, _SUCCESS.json);
 --queries the query set that was answered (each row's intervention comes from it).
 Every path may be a local path or a pyarrow-filesystem URI (file://, s3://, gs://).
@@ -14,14 +21,17 @@ import argparse
 import sys
 import time
 
+from cvae import fs
 from cvae.evaluate import EvaluationError, evaluate, headline
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", required=True, help="query engine output folder")
     parser.add_argument("--queries", required=True, help="the query set (Parquet file or folder)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder, or a training run folder (its best checkpoint)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--data", default=None, help="dataset folder (for its manifest)")
     parser.add_argument("--figures-per-factor", type=int, default=8)
@@ -37,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                      "must be >= 0, --max-samples >= 1")
     start = time.perf_counter()
     try:
+        fs.check_writable(args.out)  # an unwritable --out fails now, before any work
         report = evaluate(args.results, args.checkpoint, args.out, queries=args.queries,
                           data_dir=args.data, figures_per_factor=args.figures_per_factor,
                           reversibility_samples=args.reversibility_samples, max_samples=args.max_samples,

@@ -12,11 +12,12 @@ import sys
 
 from cvae.checkpoint import CheckpointError
 from cvae.config import ConfigError, load_config
-from cvae.errors import DataError
+from cvae.errors import DataError, OutputLocationError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     parser.add_argument("--out", help="output folder (default: the config's out)")
     args = parser.parse_args(argv)
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         from cvae.pipeline import run_pipeline
 
         summary = run_pipeline(config, args.out)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, DataError, OutputLocationError, FileNotFoundError) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2
     print("\n== summary " + "=" * 50)

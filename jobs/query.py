@@ -1,12 +1,22 @@
 """Answer a Parquet file (or folder) of queries with the SCM held by a Ray actor pool.
 
-    python -m jobs.query --checkpoint DIR --queries PATH --out DIR [--actors N] [--batch-size N]
+    python -m jobs.query --checkpoint CKPT --queries PATH --out DIR [--actors N] [--batch-size N]
                          [--cpus-per-actor N] [--config CONFIG] [--address ADDR]
 
-DIR and PATH may be local paths or URIs that pyarrow's filesystems handle (file://, s3://, gs://).
+For example, after the quickstart (python -m jobs.pipeline --config configs/local.yaml):
+
+    python -m jobs.query --checkpoint runs/local/train/local --queries runs/local/queries \
+        --out runs/local/answers-again
+
+CKPT is one checkpoint folder (runs/local/train/local/checkpoint_epoch_00005, holding
+checkpoint.json and model.pt) or a training run folder (runs/local/train/local, or
+runs/local/train which holds it): a run folder's best checkpoint is used (lowest validation
+loss, else lowest test loss, else the latest epoch) and one line says which. CKPT, PATH and
+DIR may be local paths or URIs that pyarrow's filesystems handle (file://, s3://, gs://).
 
 Flags override the config's `query` section. A whole-input problem (a missing or mistyped
-column, a missing checkpoint) prints one clear line and exits with status 2.
+column, a missing, corrupt or refused checkpoint, an output folder that cannot be created or
+written) prints one clear line, before Ray starts, and exits with status 2.
 """
 from __future__ import annotations
 
@@ -16,8 +26,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (path or URI)")
+    parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder, or a training run folder (its best checkpoint); path or URI")
     parser.add_argument("--queries", required=True, help="a Parquet file or a folder of them (path or URI)")
     parser.add_argument("--out", required=True, help="output folder (results/, errors/, _SUCCESS.json; path or URI)")
     parser.add_argument("--config", help="YAML config; its `query` section gives the defaults")
@@ -28,9 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray address (default: the config's ray_address, else local)")
     args = parser.parse_args(argv)
 
+    from cvae import fs
+    from cvae.errors import OutputLocationError
+
+    try:  # first, and before the heavy imports: an unwritable --out fails within a second
+        fs.check_writable(args.out)
+    except OutputLocationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     from cvae.checkpoint import CheckpointError
     from cvae.config import Config, ConfigError, load_config
-    from cvae.engine import OutputLocationError
     from cvae.queries import QuerySchemaError
     from cvae.scm import ScmError
 
