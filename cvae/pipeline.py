@@ -104,7 +104,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         },
         # The loss of the model the answers came from (a late spike is not evaluated).
         "best epoch": _best_epoch(training.best_metrics, training.best_by),
-        "answers": {k: answers.get(k) for k in ("results", "errors", "queries", "seconds")},
+        "answers": {k: answers.get(k) for k in ("queries", "result_rows", "error_rows", "seconds")},
         "overall": report.get("overall"),  # intervened rows; null interventions are in "null"
         "null": (report.get("null") or {}).get("overall"),
         "composition": report.get("composition"),

@@ -27,6 +27,7 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
     results, errors = read_output(out / "answers")
     queries = json.loads((out / "queries" / "_summary.json").read_text())
     assert errors.num_rows == 0 and results.num_rows == queries["num_queries"]
+    assert summary["answers"]["result_rows"] == results.num_rows and summary["answers"]["error_rows"] == 0
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["rows"] == results.num_rows
     assert report["overall"]["count"] + report["null"]["overall"]["count"] == results.num_rows
