@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cvae.evaluate import iou  # per-image IoU, the evaluation's own
 from cvae.grid import IMAGE_SIZE, SHAPE_NAMES
 from cvae.render import render
 
@@ -25,12 +26,6 @@ def load_reference(path: str | Path = REFERENCE) -> tuple[np.ndarray, np.ndarray
     with np.load(path, allow_pickle=False) as data:
         frames = np.unpackbits(data["frames"], axis=1).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
         return frames, data["labels"].astype(np.int64)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image intersection over union of two (n, 64, 64) 0/1 stacks."""
-    a, b = a.astype(bool), b.astype(bool)
-    return (a & b).sum(axis=(1, 2)) / np.maximum((a | b).sum(axis=(1, 2)), 1)
 
 
 def fidelity_table(frames: np.ndarray, labels: np.ndarray) -> list[dict]:
