@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cvae.families import FamilyError, parse_family
 from cvae.grid import FACTOR_SIZES, FACTORS
 
 
@@ -184,11 +185,22 @@ class QueryConfig:
 class PipelineConfig:
     num_queries: int = 2000  # counterfactual queries generated from the test split
     figures_per_factor: int = 8
+    # Condition-versus-intervene families ({target: <factor>, factor: <factor>, value: <class>}),
+    # each asked both ways `family_samples` times and scored by total variation against the
+    # generating SCM's exact distributions (cvae.families). Empty: none.
+    families: list = field(default_factory=list)
+    family_samples: int = 2000
 
     def validate(self, where: str) -> None:
         _positive(self.num_queries, f"{where}.num_queries")
         if self.figures_per_factor < 0:
             raise ConfigError(f"{where}.figures_per_factor: must be >= 0")
+        _positive(self.family_samples, f"{where}.family_samples")
+        for i, entry in enumerate(self.families):
+            try:
+                parse_family(entry, f"{where}.families[{i}]")
+            except FamilyError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclass

@@ -54,6 +54,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from cvae import fs
+from cvae.families import FamilyTally, read_families, tv_table
+from cvae.families import markdown_table as family_markdown
+from cvae.families import save_figure as save_family_figure
 from cvae.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
 from cvae.images import decode_image, encode_pngs
 from cvae.rng import hash_parts
@@ -70,16 +73,21 @@ class EvaluationError(ValueError):
 
 # ----------------------------------------------------------------------------- metrics
 
+def _flat(images: np.ndarray) -> np.ndarray:
+    """(n, 64, 64) -> (n, 4096); also for n = 0, where reshape cannot infer the width."""
+    return images.reshape(len(images), int(np.prod(images.shape[1:], dtype=np.int64)))
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image intersection over union of (n, 64, 64) binary images; 1 when both are empty."""
-    a, b = a.reshape(len(a), -1).astype(bool), b.reshape(len(b), -1).astype(bool)
+    a, b = _flat(a).astype(bool), _flat(b).astype(bool)
     inter, union = (a & b).sum(1), (a | b).sum(1)
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
 
 
 def pixel_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image fraction of pixels that differ."""
-    return (a.reshape(len(a), -1) != b.reshape(len(b), -1)).mean(1)
+    return (_flat(a) != _flat(b)).mean(1)
 
 
 def descendants(edges: list) -> np.ndarray:
@@ -100,17 +108,24 @@ class Scores:
     exact: np.ndarray
     effect: np.ndarray  # (n, 5) bool, the asked value read back (False where not intervened)
     preserve: np.ndarray  # (n, 5) bool, the factual value read back (False where not preserved)
+    follow: np.ndarray  # (n, 5) bool, a descendant reads back as its true counterfactual value
     read_nothing: np.ndarray  # (n,) bool
 
 
 def score(answer: np.ndarray, true_cf: np.ndarray, do: np.ndarray, factual: np.ndarray,
-          preserved: np.ndarray, readback) -> Scores:
+          preserved: np.ndarray, readback, downstream: np.ndarray | None = None,
+          cf_classes: np.ndarray | None = None) -> Scores:
     """Scores of (n, 64, 64) answers; `preserved` (n, 5) bool marks the factors that must keep
-    their factual value; `readback` is the answers' `cvae.readout.ReadBack`."""
-    flat, want = answer.reshape(len(answer), -1), true_cf.reshape(len(true_cf), -1)
+    their factual value, `downstream` (n, 5) bool the descendants of an intervened factor,
+    which must read back as their true counterfactual classes `cf_classes` (n, 5);
+    `readback` is the answers' `cvae.readout.ReadBack`."""
+    flat, want = _flat(answer), _flat(true_cf)
+    if downstream is None:
+        downstream, cf_classes = np.zeros_like(preserved), factual
     return Scores(iou=iou(answer, true_cf), pixel_error=pixel_error(answer, true_cf),
                   exact=(flat == want).all(1), effect=readback.hits(do),
                   preserve=readback.hits(np.where(preserved, factual, -1)),
+                  follow=readback.hits(np.where(downstream, cf_classes, -1)),
                   read_nothing=~readback.reads.any((1, 2)))
 
 
@@ -127,11 +142,15 @@ class Sums:
     read_nothing: int = 0
     effect_by_factor: dict = field(default_factory=dict)  # factor -> [hits, tries]
     preserve_by_factor: dict = field(default_factory=dict)
+    followed: int = 0
+    follow_rows: int = 0  # rows with at least one descendant of an intervened factor
+    follow_by_factor: dict = field(default_factory=dict)
     rev_count: int = 0
     rev_exact: int = 0
     rev_iou: float = 0.0
 
-    def add(self, s: Scores, mask: np.ndarray, do: np.ndarray, preserved: np.ndarray) -> None:
+    def add(self, s: Scores, mask: np.ndarray, do: np.ndarray, preserved: np.ndarray,
+            downstream: np.ndarray) -> None:
         self.count += int(mask.sum())
         self.iou += float(s.iou[mask].sum())
         self.pixel_error += float(s.pixel_error[mask].sum())
@@ -141,9 +160,13 @@ class Sums:
         self.preserved += int(((s.preserve[mask] | ~kept).all(1) & kept.any(1)).sum())
         self.preserve_rows += int(kept.any(1).sum())
         self.read_nothing += int(s.read_nothing[mask].sum())
+        below = downstream[mask]
+        self.followed += int(((s.follow[mask] | ~below).all(1) & below.any(1)).sum())
+        self.follow_rows += int(below.any(1).sum())
         for j, f in enumerate(FACTORS):
             for table, hit, tried in ((self.effect_by_factor, s.effect[mask, j], asked[:, j]),
-                                      (self.preserve_by_factor, s.preserve[mask, j], kept[:, j])):
+                                      (self.preserve_by_factor, s.preserve[mask, j], kept[:, j]),
+                                      (self.follow_by_factor, s.follow[mask, j], below[:, j])):
                 if tried.any():
                     h = table.setdefault(f, [0, 0])
                     h[0] += int(hit[tried].sum())
@@ -165,6 +188,8 @@ class Sums:
             "effectiveness_by_factor": by_factor(self.effect_by_factor),
             "preservation": mean(self.preserved, self.preserve_rows),
             "preservation_by_factor": by_factor(self.preserve_by_factor),
+            "descendants": mean(self.followed, self.follow_rows),
+            "descendants_by_factor": by_factor(self.follow_by_factor),
             "read_nothing": mean(self.read_nothing, self.count),
             "reversibility": {"count": self.rev_count, "exact": mean(self.rev_exact, self.rev_count),
                               "iou": mean(self.rev_iou, self.rev_count)},
@@ -196,19 +221,21 @@ def _results_files(results: Path) -> list[Path]:
 
 
 def _interventions(queries: Path) -> pa.Table:
-    """query_id and do_* of every query (the only columns the evaluation needs)."""
+    """query_id, do_* and seed of every query (the only columns the evaluation needs: the
+    seed gives the row keys the answers' noise came from)."""
     files = _parquet_files(queries)
     if not files:
         raise EvaluationError(f"{queries}: no query Parquet files")
     dataset = pads.dataset([str(f) for f in files], format="parquet")
-    missing = [c for c in ["query_id"] + [f"do_{f}" for f in FACTORS] if c not in dataset.schema.names]
-    columns = [c for c in ["query_id"] + [f"do_{f}" for f in FACTORS] if c in dataset.schema.names]
-    table = dataset.to_table(columns=columns)
-    for c in missing:  # a query file may leave out do columns it never uses
+    wanted = ["query_id"] + [f"do_{f}" for f in FACTORS] + ["seed"]
+    missing = [c for c in wanted if c not in dataset.schema.names]
+    table = dataset.to_table(columns=[c for c in wanted if c in dataset.schema.names])
+    for c in missing:  # a query file may leave out columns it never uses
         if c == "query_id":
             raise EvaluationError(f"{queries}: the queries have no query_id column")
         table = table.append_column(c, pa.nulls(table.num_rows, pa.int64()))
-    return table.cast(pa.schema([("query_id", pa.string())] + [(f"do_{f}", pa.int64()) for f in FACTORS]))
+    return table.select(wanted).cast(pa.schema([("query_id", pa.string())]
+                                               + [(c, pa.int64()) for c in wanted[1:]]))
 
 
 def _batches(files: list[Path], interventions: pa.Table) -> Iterator[pa.Table]:
@@ -243,7 +270,8 @@ class _State:
     """What the batches reduce into: per (answer set, group, part) sums and the samples kept."""
     truth: object
     readout: object
-    reach: np.ndarray  # descendants(edges) of the factor SCM
+    world: object  # the generating FactorSCM: counterfactual classes of descendants
+    reach: np.ndarray  # descendants(edges) of the generating SCM
     holdout: list
     figures_per_factor: int
     rev_limit: int
@@ -254,6 +282,7 @@ class _State:
     rev_pool: dict = field(default_factory=dict)  # group -> reversal queries kept so far
     composition_pool: dict = field(default_factory=dict)  # factual index -> key
     read: dict = field(default_factory=dict)  # answers -> [images read, seconds]
+    agree: list = field(default_factory=lambda: [0, 0])  # rows, rows whose classes are the true world's
 
 
 def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, queries: str | Path,
@@ -265,7 +294,7 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
     the report. `checkpoint` may be a training run folder: its best checkpoint is used
     (cvae.checkpoint.resolve_checkpoint)."""
     from cvae.checkpoint import load_meta, resolve_checkpoint
-    from cvae.groundtruth import GroundTruth
+    from cvae.groundtruth import GroundTruth, generating_scm
     from cvae.readout import Readout
     from cvae.scm import ImageSCM
 
@@ -290,15 +319,17 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
 
         files = _results_files(Path(results_local))
         interventions = _interventions(Path(queries_local))
-        state = _State(truth, readout, descendants(scm.factors.edges), manifest.get("holdout") or [],
+        world = generating_scm(manifest)
+        state = _State(truth, readout, world, descendants(world.edges), manifest.get("holdout") or [],
                        figures_per_factor, reversibility_samples, composition_samples)
         seen_rows = unmatched = 0
         for table in _batches(files, interventions):
             seen_rows += table.num_rows
             unmatched += _evaluate_batch(table, state)
-        if seen_rows == 0:
+        asked = read_families(queries_local)
+        if seen_rows == 0 and asked is None:
             raise EvaluationError(f"{results}: no counterfactual result rows")
-        if unmatched == seen_rows:
+        if seen_rows and unmatched == seen_rows:
             raise EvaluationError(f"{results}: no result row matches a query_id of {queries}")
         refused = {"count": 0, "example": None}
         _reversibility(scm, state.rev_pool, truth, state.holdout, state.groups, max_samples, refused)
@@ -306,12 +337,37 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
 
         report = _report(state, seen_rows, unmatched, results, checkpoint, queries)
         report["composition"]["model"] = model_composition
+        report["world"] = {"edges": [list(e) for e in world.edges],
+                           "classes_agree": None if not state.agree[0] else
+                           round(state.agree[1] / state.agree[0], 6)}
+        if asked is not None:
+            report["families"] = _family_table(files, asked, readout, world)
+            save_family_figure(out_local / "figures" / "families.png", report["families"])
         report["readout"]["build_seconds"] = round(build_seconds, 1)
         report["reversal_queries_refused"] = refused
         report["figures"] = _save_figures(out_local, state.figures, figures_per_factor)
+        if asked is not None:
+            report["figures"].append("figures/families.png")
         fs.write_text_atomic(out_local / "report.md", markdown(report))
         fs.write_text_atomic(out_local / "report.json", json.dumps(report, indent=2))  # last
     return report
+
+
+def _family_table(files: list[Path], asked: tuple, readout, world) -> list[dict]:
+    """Read back the family rows' answers (query_ids `family...`) and tabulate their TV."""
+    families, _ = asked
+    tally = FamilyTally(families)
+    dataset = pads.dataset([str(f) for f in files], format="parquet")
+    columns = ["query_id", "image"] + list(FACTORS)
+    for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS,
+                                    filter=pc.starts_with(pc.field("query_id"), "family")):
+        if not batch.num_rows:
+            continue
+        table = pa.Table.from_batches([batch])
+        classes = _ints(table, list(FACTORS))
+        images = np.stack([decode_image(b) for b in table["image"].to_pylist()])
+        tally.add(table["query_id"].to_pylist(), classes, readout.read(images, classes_to_index(classes)[:, None]))
+    return tv_table(tally, world)
 
 
 def _group_names(do: np.ndarray) -> np.ndarray:
@@ -353,8 +409,19 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
         return unmatched
     table, do = table.filter(pa.array(keep)), do[keep]
     n = table.num_rows
-    cf = _ints(table, list(FACTORS))
     factual = _ints(table, [f"factual_{f}" for f in FACTORS])
+    samples = table["sample"].to_numpy()
+    query_ids = table["query_id"].to_pylist()
+    # The true counterfactual world: the generating SCM run on the factual's abducted noise,
+    # drawn with the row keys the answer's own noise came from (the query's seed, else its
+    # id's hash; cvae.queries). Under independent factors: the factual with the do applied.
+    seeds = table["seed"].to_pylist()
+    seeds = np.array([seed_from_query_id(q) if s is None else s % 2**64 for q, s in zip(query_ids, seeds)],
+                     dtype=np.uint64)
+    cf = st.world.forward(st.world.abduct_gumbels(factual, row_keys(seeds, samples)), do)
+    own = _ints(table, list(FACTORS))  # the world the model's SCM answered in
+    st.agree[0] += n
+    st.agree[1] += int((own == cf).all(1).sum())
     answer = np.stack([decode_image(b) for b in table["image"].to_pylist()])
     at_cf, at_factual = classes_to_index(cf), classes_to_index(factual)
     true_cf, true_factual = st.truth.images(at_cf), st.truth.images(at_factual)
@@ -363,10 +430,9 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
     names[null] = ["null:" + name for name in names[null]]
     parts = _parts(cf, factual, st.holdout)
     intervened = do >= 0
-    preserved = ~intervened & ((intervened.astype(int) @ st.reach.astype(int)) == 0)
-    samples = table["sample"].to_numpy()
-    keys = hash_parts(np.array([seed_from_query_id(q) for q in table["query_id"].to_pylist()],
-                               dtype=np.uint64), samples)
+    below = (intervened.astype(int) @ st.reach.astype(int)) > 0
+    preserved, downstream = ~intervened & ~below, ~intervened & below
+    keys = hash_parts(np.array([seed_from_query_id(q) for q in query_ids], dtype=np.uint64), samples)
 
     # The model's answers and the controls, all read back and scored against the same rows.
     random_at = st.readout.indices[hash_parts(keys, 1) % np.uint64(len(st.readout.indices))]
@@ -381,9 +447,9 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
         counter = st.read.setdefault(name, [0, 0.0])
         counter[0] += n
         counter[1] += time.perf_counter() - started
-        scores = score(images, true_cf, do, factual, preserved, readback)
+        scores = score(images, true_cf, do, factual, preserved, readback, downstream, cf)
         _add(st.groups, name, names, parts if name == "model" else everything,
-             lambda s, mask: s.add(scores, mask, do, preserved))  # noqa: B023 (_add calls it at once)
+             lambda s, mask: s.add(scores, mask, do, preserved, downstream))  # noqa: B023 (called at once)
 
     # Composition, the SCM's way: a null intervention returns the factual image exactly.
     st.null[0] += int(null.sum())
@@ -405,7 +471,7 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
     # a seeded uniform sample that does not depend on file or row order.
     rows = np.flatnonzero(~null)
     if st.rev_limit and len(rows):
-        fresh = _reversal_queries(table, rows, cf, factual, do, answer)
+        fresh = _reversal_queries(table, rows, own, factual, do, answer)
         for name in set(names[rows]):
             mine = fresh.filter(pc.equal(fresh["_group"], name))
             pool = pa.concat_tables([st.rev_pool[name], mine]) if name in st.rev_pool else mine
@@ -460,7 +526,7 @@ def _model_composition(scm, truth, pool: dict, limit: int) -> dict:
     for k in range(1, max(COMPOSITION_STEPS) + 1):
         image = scm.most_likely_reconstruction(image, classes, keys)
         if k in COMPOSITION_STEPS:
-            same = (image.reshape(len(image), -1) == factual.reshape(len(factual), -1)).all(1)
+            same = (_flat(image) == _flat(factual)).all(1)
             out["iou"][str(k)] = round(float(iou(image, factual).mean()), 6)
             out["exact"][str(k)] = round(float(same.mean()), 6)
     return out
@@ -468,8 +534,10 @@ def _model_composition(scm, truth, pool: dict, limit: int) -> dict:
 
 def _reversal_queries(table: pa.Table, rows: np.ndarray, cf: np.ndarray, factual: np.ndarray,
                       do: np.ndarray, answer: np.ndarray) -> pa.Table:
-    """Counterfactual queries that observe the answer and do the factual values back."""
-    back = np.where(do[rows] >= 0, factual[rows], -1)
+    """Counterfactual queries that observe the answer (at the row's own classes `cf`) and do
+    the factual values back: of the intervened factors, and of every factor the intervention
+    moved (descendants in a causal world), as Monteiro et al. restore all the parents."""
+    back = np.where((do[rows] >= 0) | (cf[rows] != factual[rows]), factual[rows], -1)
     ids = [f"reverse:{q}:{s}" for q, s in zip(table["query_id"].to_numpy(zero_copy_only=False)[rows],
                                               table["sample"].to_numpy()[rows])]
     cols = {"query_id": pa.array(ids, pa.string()),
@@ -506,7 +574,7 @@ def _reversibility(scm, pool: dict, truth, holdout: list, groups: dict, max_samp
     factual = _ints(table, [f"_factual_{f}" for f in FACTORS])[at]
     want = truth.images(classes_to_index(factual))
     row_iou = iou(back, want)
-    row_exact = (back.reshape(len(back), -1) == want.reshape(len(want), -1)).all(1)
+    row_exact = (_flat(back) == _flat(want)).all(1)
     names = np.array(table["_group"].to_pylist(), dtype=object)[at]
     cf = _ints(table, list(FACTORS))[at]
 
@@ -610,6 +678,12 @@ def headline(report: dict) -> list[str]:
     if own.get("count"):
         lines.append("model composition (encode-decode, IoU with the factual image): "
                      + ", ".join(f"k={k} {_fmt(v)}" for k, v in own["iou"].items()))
+    families = [r for r in report.get("families") or [] if r["tv_images"] is not None]
+    if families:
+        worst = max(families, key=lambda r: r["tv_images"])
+        lines.append(f"condition/intervene families: TV of read-back answers max {_fmt(worst['tv_images'])} "
+                     f"({worst['question']}), mean {_fmt(float(np.mean([r['tv_images'] for r in families])))}"
+                     f" over {len(families)} questions (goal <= 0.05)")
     parts = []
     for name, section in report["controls"].items():
         c = section["overall"] or {}
@@ -623,9 +697,9 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _table(section: dict, null_label: str = "null: do({}) = factual") -> list[str]:
-    lines = ["| intervened | rows | IoU | pixel error | exact | effectiveness | preservation | "
+    lines = ["| intervened | rows | IoU | pixel error | exact | effectiveness | preservation | descendants | "
              "read nothing | reversibility (n, exact, IoU) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     rows = {**section["by_factor"], "**overall**": section["overall"]}
     rows.update({null_label.format(g): s for g, s in section["null"]["by_factor"].items()})
     for name, s in rows.items():
@@ -634,6 +708,7 @@ def _table(section: dict, null_label: str = "null: do({}) = factual") -> list[st
         r = s["reversibility"]
         lines.append(f"| {name} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
                      f"{_fmt(s['exact'])} | {_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
+                     f"{_fmt(s['descendants'])} | "
                      f"{_fmt(s['read_nothing'])} | {r['count']}, {_fmt(r['exact'])}, {_fmt(r['iou'])} |")
     return lines
 
@@ -648,6 +723,15 @@ def markdown(report: dict) -> str:
            f"its nearest ground-truth image by IoU, among {readout['candidates']} ground-truth images "
            f"({readout['distinct_images']} distinct). Null interventions are rows of their own, "
            "outside **overall**.", ""]
+    world = report.get("world") or {}
+    if world.get("edges"):
+        out += [f"The data's factors come from an SCM with edges "
+                f"{', '.join(f'{p} -> {c}' for p, c in world['edges'])}. The true counterfactual of a "
+                "descendant of an intervened factor is that SCM run on the factual's abducted noise "
+                "(the same noise draw the answer used); **descendants** is the share of rows whose "
+                "every such descendant reads back as that value, and preservation covers the other "
+                f"factors only. Result rows whose own classes are that world: "
+                f"{_fmt(world.get('classes_agree'))}.", ""]
     out += _table(model)
 
     o = report["overall"] or {}
@@ -686,6 +770,14 @@ def markdown(report: dict) -> str:
                        f"{_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
                        f"{_fmt(s['read_nothing'])} |")
 
+    if report.get("families"):
+        out += ["", "## Conditioning versus intervening", "",
+                "Each question asked `samples` times through the query job; the answer images read "
+                "back give the answered distribution of the target, compared by total variation with "
+                "the generating SCM's exact one (**TV images**; goal <= 0.05). **TV classes**: the "
+                "result rows' own classes (the exact factor sampler). **TV condition vs do**: between "
+                "the two exact truths, how different the two questions are. **Sampling floor**: the "
+                "mean TV of that many exact draws.", ""] + family_markdown(report["families"])
     if "holdout" in report:
         for part, title in (("holdout", "Rows touching held-out combinations"),
                             ("seen", "Rows on seen combinations")):

@@ -1,7 +1,8 @@
 """The main job: data, training, queries, answers, evaluation, in that order.
 
 Each stage writes under `<out>/`: `data/` (shards), `train/` (checkpoints, metrics,
-figures), `queries/` (the generated counterfactual query set), `answers/` (results and
+figures), `queries/` (the generated counterfactual query set, plus the condition and
+intervene families of `pipeline.families`, cvae.families), `answers/` (results and
 errors Parquet), `eval/` (report.json, report.md, figures). A stage whose output is
 already complete is reused, so rerunning the job after an interruption continues.
 `out` may be a local path or a URI (file://, s3://, gs://): every stage reads and writes
@@ -39,6 +40,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
 
     from cvae.engine import SUCCESS, run_query_job
     from cvae.evaluate import evaluate, headline
+    from cvae.families import parse_family, write_family_queries
     from cvae.localray import init_ray
     from cvae.make_queries import make_queries
     from cvae.shards import MANIFEST, write_dataset
@@ -75,6 +77,13 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
     queries = make_queries(counterfactual_spec(config), queries_dir, data_dir=data_dir)
     print(f"{queries['num_queries']} counterfactual queries from {queries['num_sources']} "
           f"test sources -> {queries_dir}")
+    families = [parse_family(e, f"config.pipeline.families[{i}]") for i, e in enumerate(config.pipeline.families)]
+    with fs.local_output(queries_dir) as local:
+        asked = write_family_queries(families, config.pipeline.family_samples, config.seed,
+                                     config.query.max_samples, local)
+    if families:
+        print(f"{asked['queries']} condition/intervene queries: {len(families)} families x 2 kinds x "
+              f"{config.pipeline.family_samples} samples")
 
     stage("4/5 answers")
     answers_dir = fs.join(out, "answers")
@@ -109,6 +118,7 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         "null": (report.get("null") or {}).get("overall"),
         "composition": report.get("composition"),
         "controls": {name: c.get("overall") for name, c in (report.get("controls") or {}).items()},
+        "families": report.get("families"),
         "headline": headline(report),
     }
     with fs.local_output(out) as local:  # a URI: only summary.json is uploaded here

@@ -181,6 +181,21 @@ class FactorSCM:
             tables[f] = np.where(sums > 0, counts / np.where(sums > 0, sums, 1.0), 1.0 / shape[-1])
         return cls(edges, tables)
 
+    def on_grid(self, strides: dict) -> FactorSCM:
+        """This SCM with every class off the dataset's grid (class % stride != 0) given
+        probability zero, each table row renormalised over the grid's classes (a row that
+        gave them no mass becomes uniform on them). A model trained on every 4th orientation
+        is then never asked to draw the others unasked."""
+        if not strides:
+            return self
+        tables = {}
+        for f in FACTORS:
+            keep = np.arange(FACTOR_SIZES[f]) % int(strides.get(f, 1)) == 0
+            table = np.where(keep, self.tables[f], 0.0)
+            sums = table.sum(axis=-1, keepdims=True)
+            tables[f] = np.where(sums > 0, table / np.where(sums > 0, sums, 1.0), keep / keep.sum())
+        return FactorSCM(self.edges, tables)
+
     def to_dict(self) -> dict:
         """JSON-ready: {"edges": [[parent, child], ...], "tables": {factor: nested lists}}."""
         return {"edges": [list(e) for e in self.edges],
@@ -290,6 +305,32 @@ class FactorSCM:
                 for f, values in zip(factors, np.unravel_index(flat, shape)):
                     out[rows, FACTORS.index(f)] = values
         return out
+
+    def distribution(self, target: str, given: dict | None = None, do: dict | None = None) -> np.ndarray:
+        """The exact p_do(target | given) over the target's classes, by enumeration.
+
+        `given` and `do` map factor names to classes. Raises ScmError when the evidence
+        has probability zero.
+        """
+        given_row, do_row = np.full(len(FACTORS), -1), np.full(len(FACTORS), -1)
+        for row, values in ((given_row, given or {}), (do_row, do or {})):
+            for f, value in values.items():
+                row[FACTORS.index(f)] = int(value)
+        t = FACTORS.index(target)
+        if do_row[t] >= 0 or given_row[t] >= 0:  # fixed by the question itself
+            if not self.evidence_possible(given_row[None], do_row[None])[0]:
+                raise ScmError("evidence has probability zero under the SCM")
+            out = np.zeros(FACTOR_SIZES[target])
+            out[max(do_row[t], given_row[t])] = 1.0
+            return out
+        for factors, shape, cdf in self._posterior(tuple(given_row), tuple(do_row)):
+            if cdf is None:
+                raise ScmError("evidence has probability zero under the SCM")
+            if target in factors:
+                joint = np.diff(cdf, prepend=0.0).reshape(shape) / cdf[-1]
+                axes = tuple(a for a, f in enumerate(factors) if f != target)
+                return joint.sum(axis=axes)
+        raise AssertionError(f"{target} is in no component")  # every free factor is in one
 
     def evidence_possible(self, given: np.ndarray, do: np.ndarray) -> np.ndarray:
         """(n,) bool: whether p_do(given) > 0 for each row."""
@@ -403,6 +444,9 @@ class ImageSCM:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae, meta = load_checkpoint(directory, device=dev)
         factors = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
+        manifest = meta.get("manifest") or {}
+        if manifest.get("generator") in ("render", "import"):  # (checkpoints from before on_grid)
+            factors = factors.on_grid((manifest.get("grid") or {}).get("strides") or {})
         abduct_z = (meta.get("config") or {}).get("scm", {}).get("abduct_z", "mean")
         ground_truth = None
         if meta.get("manifest"):

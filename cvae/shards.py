@@ -74,14 +74,31 @@ def split_rows(classes: np.ndarray, test_fraction: float, holdout: list[dict],
     `round(test_fraction * rest)` rows are test, the next `round(validation_fraction * rest)`
     validation (disjoint from test), and the remainder train. The test rows do not depend
     on `validation_fraction`.
+
+    Rows that repeat a factor combination (a dataset sampled from an SCM) stay in one split:
+    the random order is then one of combinations, and each cut moves forward to the next
+    combination, so a test image never also sits in the training set.
     """
     rng = np.random.default_rng([seed, 1])
     held = holdout_mask(classes, holdout)
     rest = rng.permutation(np.flatnonzero(~held))
     n_test = int(round(test_fraction * len(rest)))
     n_val = int(round(validation_fraction * len(rest)))
+    _, combo = np.unique(np.asarray(classes)[rest], axis=0, return_inverse=True)
+    combo = combo.reshape(-1)
+    if combo.max(initial=-1) + 1 < len(rest):  # repeated combinations: cut between them
+        order = np.argsort(rng.permutation(combo.max() + 1)[combo], kind="stable")
+        rest, combo = rest[order], combo[order]
+        n_test, n_val = _cut(combo, n_test), _cut(combo, n_test + n_val) - _cut(combo, n_test)
     return {"train": rest[n_test + n_val:], "validation": rest[n_test:n_test + n_val],
             "test": rest[:n_test], "holdout": rng.permutation(np.flatnonzero(held))}
+
+
+def _cut(groups: np.ndarray, at: int) -> int:
+    """The first position >= at where a new group starts (groups are contiguous)."""
+    while 0 < at < len(groups) and groups[at] == groups[at - 1]:
+        at += 1
+    return at
 
 
 def plan_shards(rows: dict[str, np.ndarray], num_train_shards: int) -> list[tuple[str, np.ndarray]]:

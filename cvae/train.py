@@ -381,7 +381,10 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     fit = config.scm.tables == "fit"
     with fs.staged(data_uri, only=None if fit else [MANIFEST]) as data_local:
         manifest = read_manifest(data_local)
-        scm = FactorSCM.from_config(config.scm, data_local).to_dict()
+        scm = FactorSCM.from_config(config.scm, data_local)
+        if manifest.get("generator") in ("render", "import"):  # an SCM sample has no strides
+            scm = scm.on_grid((manifest.get("grid") or {}).get("strides") or {})
+        scm = scm.to_dict()
     train = config.train
     local_mode = train.num_workers == 0
     if local_mode and remote:

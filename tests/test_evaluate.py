@@ -210,7 +210,10 @@ def test_blank_answers_read_back_nothing(tmp_path):
 
 
 def test_preservation_leaves_out_descendants(tmp_path):
-    ckpt = _checkpoint(tmp_path / "ckpt", factors=causal_scm())  # shape -> scale -> pos_y
+    from test_causal import causal_manifest, with_manifest
+
+    # data drawn from shape -> scale -> pos_y: the data's DAG decides what is preserved
+    ckpt = with_manifest(_checkpoint(tmp_path / "ckpt", factors=causal_scm()), causal_manifest())
     queries = _queries(tmp_path / "q")
     _results(queries, tmp_path / "res", lambda factual, cf, do: _truth(cf))
     report = evaluate(tmp_path / "res", ckpt, tmp_path / "eval", queries=tmp_path / "q",
