@@ -3,13 +3,21 @@
 Each stage writes under `<out>/`: `data/` (shards), `train/` (checkpoints, metrics,
 figures), `queries/` (the generated counterfactual query set, plus the condition and
 intervene families of `pipeline.families`, cvae.families), `answers/` (results and
-errors Parquet), `eval/` (report.json, report.md, figures). A stage whose output is
-already complete is reused, so rerunning the job after an interruption continues.
-`out` may be a local path or a URI (file://, s3://, gs://): every stage reads and writes
-through pyarrow's filesystems, and training workers stage their own shards locally.
+errors Parquet), `eval/` (report.json, report.md, figures). `out` may be a local path or a
+URI (file://, s3://, gs://): every stage reads and writes through pyarrow's filesystems,
+and training workers stage their own shards locally.
+
+Reruns: a finished stage whose inputs did not change is reused, with one line saying so
+(cvae.stages: each stage records the fingerprint of its inputs, which include the
+fingerprints of the stages it reads). `force` names stages to redo anyway; what depends
+on a redone stage is redone only if its inputs changed (a retrained checkpoint is a new
+input to the answers; identical regenerated data is not). Training that was interrupted
+resumes from its latest checkpoint; training whose inputs changed (data, model, lr, batch
+size, SCM, seed) starts over, and more epochs continue the finished run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,6 +25,9 @@ from pathlib import Path
 from cvae import fs
 from cvae.config import Config
 from cvae.grid import FACTORS
+from cvae.stages import changed_keys, file_digest, fingerprint, finished, read_record, write_record
+
+STAGES = ("data", "train", "queries", "answers", "evaluate")
 
 
 def counterfactual_spec(config: Config) -> dict:
@@ -33,78 +44,181 @@ def counterfactual_spec(config: Config) -> dict:
     }
 
 
-def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """One run of the pipeline: where it writes, what to redo, and the stages' start times."""
+    config: Config
+    out: str
+    force: frozenset
+    started: dict = dataclasses.field(default_factory=dict)
+
+    def stage(self, name: str) -> None:
+        title = f"{STAGES.index(name) + 1}/{len(STAGES)} {name}"
+        self.started[title] = time.time()
+        print(f"\n== {title} " + "=" * (60 - len(title)), flush=True)
+
+    def reuse(self, stage: str, folder: str, inputs: dict, marker: str) -> dict | None:
+        """The finished record to reuse (and one line saying so), or None to redo the stage."""
+        if stage in self.force:
+            print(f"redoing {stage} (--force {stage})")
+            return None
+        record = finished(folder, inputs, marker)
+        if record is not None:
+            print(f"reusing {stage} in {folder}: finished, inputs unchanged")
+        return record
+
+
+def run_pipeline(config: Config, out: str | Path | None = None, force=()) -> dict:
     """Run every stage on the Ray given by `config.ray_address` (None: a local Ray started
-    in-process). Returns a summary naming the files written."""
+    in-process), reusing finished stages whose inputs did not change and redoing those named
+    in `force` ("all": every stage). Returns a summary naming the files written."""
     import ray
 
-    from cvae.engine import SUCCESS, run_query_job
-    from cvae.evaluate import evaluate, headline
-    from cvae.families import parse_family, write_family_queries
     from cvae.localray import init_ray
-    from cvae.make_queries import make_queries
-    from cvae.shards import MANIFEST, write_dataset
-    from cvae.train import run_training
 
+    unknown = set(force) - set(STAGES) - {"all"}
+    if unknown:
+        raise ValueError(f"force: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} or all")
     out = str(out or config.out)
     out = out.rstrip("/") if fs.is_uri(out) else str(Path(out).resolve())
+    run = _Run(config, out, frozenset(STAGES if "all" in force else force))
     started = time.time()
-    stages: dict[str, float] = {}
-
-    def stage(name: str) -> None:
-        stages[name] = time.time()
-        print(f"\n== {name} " + "=" * (60 - len(name)), flush=True)
-
     fs.check_writable(out)  # an unwritable output fails now, not after Ray starts
     if not ray.is_initialized():
         init_ray(config.ray_address, num_cpus=config.num_cpus, log_to_driver=True)
 
-    data_dir = fs.join(out, "data")
-    stage("1/5 data")
-    if fs.exists(fs.join(data_dir, MANIFEST)):
-        print(f"reusing the dataset in {data_dir}")
-    else:
+    data_dir, data_id = _data(run)
+    training, checkpoint_id = _train(run, data_dir, data_id)
+    queries_dir, queries_id = _queries(run, data_dir, data_id)
+    answers_dir, answers = _answers(run, queries_dir, queries_id, checkpoint_id)
+    report = _evaluate(run, data_dir, queries_dir, answers_dir, answers["id"], checkpoint_id)
+    summary = _summary(run, training, data_dir, queries_dir, answers_dir, answers, report, started)
+    with fs.local_output(out) as local:  # a URI: only summary.json is uploaded here
+        fs.write_text_atomic(Path(local) / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+# ----------------------------------------------------------------------------- the stages
+
+def _data(run: _Run) -> tuple[str, str]:
+    from cvae.render import RENDERER_VERSION
+    from cvae.shards import MANIFEST, write_dataset
+
+    config, data_dir = run.config, fs.join(run.out, "data")
+    run.stage("data")
+    inputs = {"data": dataclasses.asdict(config.data), "seed": config.seed, "renderer": RENDERER_VERSION,
+              "scm": dataclasses.asdict(config.scm) if config.data.generator == "scm" else None}
+    if not run.reuse("data", data_dir, inputs, MANIFEST):
         with fs.local_output(data_dir) as local:  # a URI is uploaded once complete
-            write_dataset(config, local)
+            manifest = write_dataset(config, local)
+        write_record(data_dir, "data", inputs, {"rows": sum(manifest["counts"].values())})
+    return data_dir, fingerprint(inputs)
 
-    stage("2/5 train")
-    training = run_training(config, data_dir, fs.join(out, "train"))
-    checkpoint = training.best_checkpoint
-    print(f"best checkpoint: {checkpoint}")
 
-    stage("3/5 queries")
-    queries_dir = fs.join(out, "queries")
-    queries = make_queries(counterfactual_spec(config), queries_dir, data_dir=data_dir)
-    print(f"{queries['num_queries']} counterfactual queries from {queries['num_sources']} "
-          f"test sources -> {queries_dir}")
+def _train(run: _Run, data_dir: str, data_id: str):
+    from cvae.train import TrainingResult, run_training
+
+    config, folder = run.config, fs.join(run.out, "train")
+    run.stage("train")
+    identity = {"data": data_id, "model": dataclasses.asdict(config.model), "scm": dataclasses.asdict(config.scm),
+                "lr": config.train.lr, "batch_size": config.train.batch_size, "seed": config.seed}
+    inputs = {"identity": identity, "epochs": config.train.epochs, "run_name": config.name}
+    record = run.reuse("train", folder, inputs, config.name)
+    if record is not None and fs.exists(fs.join(record["result"]["best_checkpoint"], "checkpoint.json")):
+        training = TrainingResult(**record["result"])
+    else:
+        earlier = read_record(folder)
+        changed = [] if earlier is None else changed_keys(earlier["inputs"].get("identity", {}), identity)
+        if ("train" in run.force or changed) and _remove(fs.join(folder, config.name)):
+            why = "--force train" if "train" in run.force else f"its inputs changed ({', '.join(changed)})"
+            print(f"training from scratch ({why}): removed the earlier run {fs.join(folder, config.name)}")
+        write_record(folder, "train", inputs)  # started: an interruption resumes, not restarts
+        training = run_training(config, data_dir, folder)
+        result = {f.name: getattr(training, f.name) for f in dataclasses.fields(training) if f.name != "history"}
+        write_record(folder, "train", inputs, result)
+    print(f"best checkpoint: {training.best_checkpoint}")
+    checkpoint_id = {"checkpoint": training.best_checkpoint,
+                     "meta": file_digest(fs.join(training.best_checkpoint, "checkpoint.json"))}
+    return training, checkpoint_id
+
+
+def _queries(run: _Run, data_dir: str, data_id: str) -> tuple[str, str]:
+    from cvae.families import parse_family, write_family_queries
+    from cvae.make_queries import make_queries
+
+    config, folder = run.config, fs.join(run.out, "queries")
+    run.stage("queries")
+    spec = counterfactual_spec(config)
     families = [parse_family(e, f"config.pipeline.families[{i}]") for i, e in enumerate(config.pipeline.families)]
-    with fs.local_output(queries_dir) as local:
-        asked = write_family_queries(families, config.pipeline.family_samples, config.seed,
-                                     config.query.max_samples, local)
-    if families:
-        print(f"{asked['queries']} condition/intervene queries: {len(families)} families x 2 kinds x "
-              f"{config.pipeline.family_samples} samples")
+    inputs = {"data": data_id, "spec": spec, "families": [f.to_dict() for f in families],
+              "family_samples": config.pipeline.family_samples, "max_samples": config.query.max_samples}
+    record = run.reuse("queries", folder, inputs, "_summary.json")
+    if record is None:
+        made = make_queries(spec, folder, data_dir=data_dir)
+        print(f"{made['num_queries']} counterfactual queries from {made['num_sources']} "
+              f"test sources -> {folder}")
+        with fs.local_output(folder) as local:
+            asked = write_family_queries(families, config.pipeline.family_samples, config.seed,
+                                         config.query.max_samples, local)
+        if families:
+            print(f"{asked['queries']} condition/intervene queries: {len(families)} families x 2 kinds x "
+                  f"{config.pipeline.family_samples} samples")
+        write_record(folder, "queries", inputs, {"counterfactual": made["num_queries"],
+                                                 "families": asked["queries"]})
+    return folder, fingerprint(inputs)
 
-    stage("4/5 answers")
-    answers_dir = fs.join(out, "answers")
-    answers = run_query_job(
-        checkpoint, queries_dir, answers_dir, actors=config.query.actors,
-        batch_size=config.query.batch_size, gpus_per_actor=config.query.gpus_per_actor,
-        cpus_per_actor=config.query.cpus_per_actor, max_samples=config.query.max_samples,
-    )
 
-    stage("5/5 evaluate")
-    eval_dir = fs.join(out, "eval")
-    report = evaluate(answers_dir, checkpoint, eval_dir, queries_dir, data_dir=data_dir,
+def _answers(run: _Run, queries_dir: str, queries_id: str, checkpoint_id: dict) -> tuple[str, dict]:
+    from cvae.engine import SUCCESS, run_query_job
+
+    config, folder = run.config, fs.join(run.out, "answers")
+    run.stage("answers")
+    # Actors and batch size do not change answers (they are independent of batching).
+    inputs = {"queries": queries_id, "checkpoint": checkpoint_id, "max_samples": config.query.max_samples}
+    record = run.reuse("answers", folder, inputs, SUCCESS)
+    if record is None:
+        q = config.query
+        answers = run_query_job(checkpoint_id["checkpoint"], queries_dir, folder, actors=q.actors,
+                                batch_size=q.batch_size, gpus_per_actor=q.gpus_per_actor,
+                                cpus_per_actor=q.cpus_per_actor, max_samples=q.max_samples)
+        kept = {k: answers.get(k) for k in ("queries", "result_rows", "error_rows", "seconds")}
+        record = {"result": kept}
+        write_record(folder, "answers", inputs, kept)
+    return folder, {**record["result"], "id": fingerprint(inputs)}
+
+
+def _evaluate(run: _Run, data_dir: str, queries_dir: str, answers_dir: str, answers_id: str,
+              checkpoint_id: dict) -> dict:
+    from cvae.evaluate import evaluate
+
+    config, folder = run.config, fs.join(run.out, "eval")
+    run.stage("evaluate")
+    inputs = {"answers": answers_id, "checkpoint": checkpoint_id,
+              "figures_per_factor": config.pipeline.figures_per_factor, "max_samples": config.query.max_samples}
+    if run.reuse("evaluate", folder, inputs, "report.json"):
+        return json.loads(fs.read_bytes(fs.join(folder, "report.json")))
+    report = evaluate(answers_dir, checkpoint_id["checkpoint"], folder, queries_dir, data_dir=data_dir,
                       figures_per_factor=config.pipeline.figures_per_factor,
                       max_samples=config.query.max_samples)
+    write_record(folder, "evaluate", inputs, {"rows": report.get("rows")})
+    return report
 
-    summary = {
+
+# ----------------------------------------------------------------------------- the summary
+
+def _summary(run: _Run, training, data_dir: str, queries_dir: str, answers_dir: str, answers: dict,
+             report: dict, started: float) -> dict:
+    from cvae.engine import SUCCESS
+    from cvae.evaluate import headline
+    from cvae.shards import MANIFEST
+
+    eval_dir = fs.join(run.out, "eval")
+    return {
         "seconds": round(time.time() - started, 1),
-        "stage_seconds": _durations(stages, time.time()),
+        "stage_seconds": _durations(run.started, time.time()),
         "files": {
             "data manifest": fs.join(data_dir, MANIFEST),
-            "best checkpoint": checkpoint,
+            "best checkpoint": training.best_checkpoint,
             **{f"train {k}": v for k, v in training.files.items()},
             "queries": queries_dir,
             "answers": fs.join(answers_dir, SUCCESS),
@@ -121,9 +235,15 @@ def run_pipeline(config: Config, out: str | Path | None = None) -> dict:
         "families": report.get("families"),
         "headline": headline(report),
     }
-    with fs.local_output(out) as local:  # a URI: only summary.json is uploaded here
-        fs.write_text_atomic(Path(local) / "summary.json", json.dumps(summary, indent=2, default=str))
-    return summary
+
+
+def _remove(folder: str) -> bool:
+    """Delete a folder (path or URI) and everything in it; False when there was none."""
+    filesystem, root = fs.resolve(folder)
+    if not fs.exists(folder):
+        return False
+    filesystem.delete_dir(root)
+    return True
 
 
 def _best_epoch(metrics: dict, best_by: str) -> dict | None:

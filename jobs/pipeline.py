@@ -1,6 +1,10 @@
 """The main job: data -> training -> counterfactual queries -> answers -> evaluation.
 
-    python -m jobs.pipeline --config configs/local.yaml [--out DIR]
+    python -m jobs.pipeline --config configs/local.yaml [--out DIR] [--force STAGE ...]
+
+A rerun reuses every finished stage whose inputs did not change (one line says so) and
+redoes the rest; `--force STAGE` redoes a stage anyway (data, train, queries, answers,
+evaluate, or all; repeat it for several). Forcing train starts it from scratch.
 
 Runs on a local Ray started in-process unless the config names `ray_address` (or the
 job was submitted to a cluster with `ray job submit`, which sets RAY_ADDRESS).
@@ -20,12 +24,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     parser.add_argument("--out", help="output folder (default: the config's out)")
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        choices=("data", "train", "queries", "answers", "evaluate", "all"),
+                        help="redo this stage even if it is finished (repeatable; 'all' for every stage)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
         from cvae.pipeline import run_pipeline
 
-        summary = run_pipeline(config, args.out)
+        summary = run_pipeline(config, args.out, force=args.force)
     except (ConfigError, CheckpointError, DataError, OutputLocationError, FileNotFoundError) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2

@@ -6,13 +6,13 @@ import pyarrow.parquet as pq
 
 from cvae.config import load_config
 from cvae.engine import read_output
-from cvae.pipeline import run_pipeline
+from cvae.pipeline import STAGES, run_pipeline
 from cvae.reader import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_session, tmp_path):
+def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_session, tmp_path, capsys):
     config = load_config(REPO / "configs" / "tiny.yaml",
                          {"train.epochs": 1, "pipeline.num_queries": 60})
     out = tmp_path / "run"
@@ -44,6 +44,38 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
     sources = set(pq.read_table(out / "queries").column("source_index").to_pylist())
     assert sources <= set(load_split(out / "data", "test")["index"].tolist())
 
-    # A rerun reuses the dataset and the finished training.
+    # A rerun reuses every finished stage whose inputs did not change, saying so, and
+    # starts no training.
+    capsys.readouterr()
+    first_epochs = json.loads((out / "train" / "metrics.json").read_text())
     again = run_pipeline(config, out.as_uri())
-    assert again["stage_seconds"]["1/5 data"] < 5
+    said = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"reusing {stage} in " in said, stage
+    assert again["stage_seconds"]["2/5 train"] < 5 and sum(again["stage_seconds"].values()) < 20
+    assert again["overall"] == summary["overall"] and again["files"] == summary["files"]
+
+    # --force redoes one stage; the answers come out the same, so evaluation is reused.
+    answered = (out / "answers" / "_SUCCESS.json").stat().st_mtime
+    run_pipeline(config, out.as_uri(), force=["answers"])
+    said = capsys.readouterr().out
+    assert "redoing answers (--force answers)" in said and "reusing evaluate in " in said
+    assert (out / "answers" / "_SUCCESS.json").stat().st_mtime > answered
+
+    # A changed input redoes what depends on it: more queries -> queries, answers and
+    # evaluation again; one more epoch continues the finished training (epoch 1 is kept).
+    more = load_config(REPO / "configs" / "tiny.yaml", {"train.epochs": 2, "pipeline.num_queries": 72})
+    longer = run_pipeline(more, out.as_uri())
+    said = capsys.readouterr().out
+    assert "reusing data in " in said and "training from scratch" not in said
+    assert not any(f"reusing {stage} in " in said for stage in ("train", "queries", "answers", "evaluate"))
+    epochs = json.loads((out / "train" / "metrics.json").read_text())
+    assert [e["epoch"] for e in epochs] == [1, 2] and epochs[0] == first_epochs[0]  # continued, not redone
+    assert longer["answers"]["result_rows"] > summary["answers"]["result_rows"]
+
+
+def test_force_rejects_unknown_stages():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_pipeline(load_config(REPO / "configs" / "tiny.yaml"), "/tmp/never-written", force=["trian"])
