@@ -59,8 +59,7 @@ from cvae.families import markdown_table as family_markdown
 from cvae.families import save_figure as save_family_figure
 from cvae.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
 from cvae.images import decode_image, encode_pngs
-from cvae.rng import hash_parts
-from cvae.scm import row_keys, seed_from_query_id
+from cvae.rng import hash_parts, row_keys, seed_from_query_id
 
 BATCH_ROWS = 2048
 CONTROLS = ("factual", "blank", "random")  # answer sets that know nothing, beside the model's
@@ -294,9 +293,9 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
     the report. `checkpoint` may be a training run folder: its best checkpoint is used
     (cvae.checkpoint.resolve_checkpoint)."""
     from cvae.checkpoint import load_meta, resolve_checkpoint
-    from cvae.groundtruth import GroundTruth, generating_scm
+    from cvae.groundtruth import GroundTruth
     from cvae.readout import Readout
-    from cvae.scm import ImageSCM
+    from cvae.scm import FactorSCM, ImageSCM
 
     checkpoint = resolve_checkpoint(checkpoint)
     with fs.staged(results) as results_local, fs.staged(queries) as queries_local, \
@@ -319,7 +318,7 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
 
         files = _results_files(Path(results_local))
         interventions = _interventions(Path(queries_local))
-        world = generating_scm(manifest)
+        world = FactorSCM.of_dataset(manifest)
         state = _State(truth, readout, world, descendants(world.edges), manifest.get("holdout") or [],
                        figures_per_factor, reversibility_samples, composition_samples)
         seen_rows = unmatched = 0

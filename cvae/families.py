@@ -23,8 +23,8 @@ Measured per family and kind (`tv_table`):
 - `tv_noise`: the mean TV of `samples` exact draws from the truth itself: the floor that
   sampling alone gives at this sample size.
 
-The truth is `FactorSCM.distribution` of the generating SCM (`cvae.groundtruth.generating_scm`),
-not the checkpoint's own tables.
+The truth is `FactorSCM.distribution` of the generating SCM (`FactorSCM.of_dataset`), not
+the checkpoint's own tables.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from cvae.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES
 from cvae.rng import hash_parts
+from cvae.schema import QUERY_SCHEMA
 
 FAMILY_KINDS = ("condition", "intervene")
 FAMILIES_FILE = "_families.json"
@@ -90,8 +91,6 @@ def parse_family(entry, where: str) -> Family:
 def family_queries(families: list[Family], samples: int, seed: int, max_samples: int) -> pa.Table:
     """The query rows of every family and kind: `samples` samples each, in rows of at most
     `max_samples` (the query job's cap per row). Seeds are hashed from (seed, family, kind, row)."""
-    from cvae.queries import QUERY_SCHEMA
-
     ids, kinds, nums, seeds = [], [], [], []
     on = {f"{p}_{f}": [] for p in ("given", "do") for f in FACTORS}
     for i, family in enumerate(families):

@@ -73,19 +73,3 @@ class GroundTruth:
                             f"{int(indices[missing][0])}")
         return self._imgs[self._rows[at]]
 
-
-def generating_scm(manifest: dict):
-    """The factor SCM a dataset's factors were drawn from: the manifest's `scm` for
-    generator 'scm' (tables given in the config), and dSprites' own independent uniform
-    factors, on the dataset's strided grid, for a rendered or imported one. This is the truth counterfactuals of
-    descendants and the condition/intervene families are scored against, whatever tables
-    the checkpoint learned."""
-    from cvae.config import ScmConfig
-    from cvae.scm import FactorSCM
-
-    if manifest.get("generator") != "scm":  # the grid, uniform over its (strided) classes
-        return FactorSCM.uniform().on_grid((manifest.get("grid") or {}).get("strides") or {})
-    recorded = manifest.get("scm")
-    if not recorded:
-        raise DataError("manifest: generator 'scm' without the 'scm' it sampled from")
-    return FactorSCM.from_config(ScmConfig(**recorded))

@@ -54,6 +54,8 @@ def init_ray(address: str | None = None, **kwargs: Any):
     kwargs go to ray.init (num_cpus, log_to_driver, ...); those that only apply to starting
     a Ray (START_ONLY) are dropped when connecting. Returns ray.init's context.
     """
+    if not sys.stdout.isatty():  # worker log prefixes without ANSI colour codes in files and pipes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address is not None or os.environ.get("RAY_ADDRESS"):
         import ray
 

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from cvae import fs
 from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes, rule_mask
 from cvae.rng import hash_parts
+from cvae.schema import QUERY_SCHEMA
 
 SPLITS = ("train", "validation", "test", "holdout")  # cvae.shards.SPLITS
 VALUE_MODES = ("all", "other", "random_other", "factual")
@@ -56,15 +57,6 @@ VALUE_MODES = ("all", "other", "random_other", "factual")
 CHUNK_ROWS = 262_144
 MAX_SAMPLES = 1_000_000  # a sanity bound; the query engine caps num_samples itself
 _DO_CODES = int(np.prod([FACTOR_SIZES[f] + 1 for f in FACTORS]))  # distinct do vectors, null included
-
-QUERY_SCHEMA = pa.schema(
-    [("query_id", pa.string()), ("kind", pa.string()), ("source_index", pa.int64()),
-     ("image", pa.binary())]
-    + [(f, pa.int64()) for f in FACTORS]
-    + [(f"do_{f}", pa.int64()) for f in FACTORS]
-    + [(f"given_{f}", pa.int64()) for f in FACTORS]
-    + [("num_samples", pa.int64()), ("seed", pa.int64())]
-)
 
 
 class SpecError(ValueError):

@@ -21,23 +21,11 @@ import pyarrow.compute as pc
 
 from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, index_to_classes
 from cvae.images import decode_image, encode_pngs
-from cvae.scm import ImageSCM, row_keys, seed_from_query_id
+from cvae.rng import row_keys, seed_from_query_id
+from cvae.schema import ERROR_SCHEMA, INT_COLUMNS, KINDS, QUERY_SCHEMA, RESULT_SCHEMA  # noqa: F401 (re-exported)
+from cvae.scm import ImageSCM
 
-KINDS = ("condition", "intervene", "counterfactual")
 REQUIRED = ("query_id", "kind")
-INT_COLUMNS = (["source_index"] + list(FACTORS) + [f"do_{f}" for f in FACTORS]
-               + [f"given_{f}" for f in FACTORS] + ["num_samples", "seed"])
-QUERY_SCHEMA = pa.schema(
-    [("query_id", pa.string()), ("kind", pa.string()), ("source_index", pa.int64()), ("image", pa.binary())]
-    + [(c, pa.int64()) for c in INT_COLUMNS if c != "source_index"]
-)
-RESULT_SCHEMA = pa.schema(
-    [("query_id", pa.string()), ("sample", pa.int64()), ("kind", pa.string())]
-    + [(f, pa.int64()) for f in FACTORS]
-    + [(f"factual_{f}", pa.int64()) for f in FACTORS]
-    + [("image", pa.binary())]
-)
-ERROR_SCHEMA = pa.schema([("query_id", pa.string()), ("error", pa.string())])
 # Sample rows answered at once: bounds memory (4096 float64 pixel uniforms per row).
 ANSWER_CHUNK = 1024
 

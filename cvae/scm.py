@@ -15,9 +15,9 @@ depends only on its query row and the checkpoint: never on batch size, actors or
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyro
@@ -26,7 +26,7 @@ import torch
 from pyro import poutine
 
 from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
-from cvae.rng import GOLDEN, mix
+from cvae.rng import gumbels, row_keys, seed_from_query_id, uniforms  # noqa: F401 (re-exported)
 
 SIZES = tuple(FACTOR_SIZES[f] for f in FACTORS)
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -42,43 +42,6 @@ NET_CHUNK = 256
 
 class ScmError(ValueError):
     """An SCM spec (edges, tables) that cannot be used, with the problem named."""
-
-
-# --------------------------------------------------------------------------- randomness
-
-def seed_from_query_id(query_id: str) -> int:
-    """A stable 64-bit seed for a query without one (not Python's salted hash())."""
-    return int.from_bytes(hashlib.blake2b(query_id.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def row_keys(seeds: np.ndarray, samples: np.ndarray) -> np.ndarray:
-    """The key of (seed, sample number): all randomness of one sample derives from it."""
-    seeds = np.asarray(seeds).astype(np.uint64)  # int64 seeds keep their bits
-    samples = np.asarray(samples).astype(np.uint64)
-    return mix(mix(seeds) ^ (samples * np.uint64(0xD1B54A32D192ED03) + GOLDEN))
-
-
-def uniforms(keys: np.ndarray, stream: int, count: int) -> np.ndarray:
-    """(n, count) float64 uniforms in the open interval (0, 1), from (key, stream, counter).
-
-    Each 64-bit hash gives two 32-bit uniforms (low half first): half the hashing, and
-    2^-32 resolution is ample for Gumbels, normals and pixel noise.
-    """
-    half = (count + 1) // 2
-    with np.errstate(over="ignore"):
-        base = mix(keys ^ mix(np.full(keys.shape, stream, dtype=np.uint64) + GOLDEN))
-        counters = (np.arange(1, half + 1, dtype=np.uint64) * GOLDEN)[None, :]
-        bits = mix(base[:, None] + counters)
-    # Little-endian view: the (n, half) uint64 as (n, 2 * half) uint32, low then high halves.
-    words = bits.astype("<u8", copy=False).view("<u4")[:, :count]
-    out = words.astype(np.float64)
-    out += 0.5
-    out *= 2.0**-32
-    return out
-
-
-def gumbels(u: np.ndarray) -> np.ndarray:
-    return -np.log(-np.log(u))
 
 
 # --------------------------------------------------------------------------- factor SCM
@@ -142,8 +105,13 @@ class FactorSCM:
         return cls([], {})
 
     @classmethod
-    def from_config(cls, scm_config, data_dir: str | Path | None = None) -> FactorSCM:
-        """From a `ScmConfig`: tables uniform, given in the config, or fitted from the train split."""
+    def from_config(cls, scm_config, classes: np.ndarray | None = None) -> FactorSCM:
+        """From a `ScmConfig` (or its dict): tables uniform, given in the config, or fitted
+        by counting `classes`, the (n, 5) factor classes of the train split (the caller
+        reads them: this module does no I/O)."""
+        if isinstance(scm_config, dict):  # as a manifest records it
+            scm_config = SimpleNamespace(**{"edges": [], "tables": "uniform", "smoothing": 1.0, "given": {},
+                                            **scm_config})
         edges = [tuple(e) for e in scm_config.edges]
         if scm_config.tables == "uniform":
             if edges:
@@ -152,11 +120,9 @@ class FactorSCM:
         if scm_config.tables == "given":
             return cls(edges, {f: np.asarray(t, dtype=np.float64) for f, t in scm_config.given.items()})
         if scm_config.tables == "fit":
-            if data_dir is None:
-                raise ScmError("tables 'fit' needs the data directory to count from")
-            from cvae.reader import load_split
-
-            classes = np.asarray(load_split(data_dir, "train")["classes"], dtype=np.int64)
+            if classes is None:
+                raise ScmError("tables 'fit' needs the train split's classes to count from")
+            classes = np.asarray(classes, dtype=np.int64)
             if classes.shape[1] == 6:  # with the constant color column
                 classes = classes[:, 1:]
             return cls.fit(edges, classes, scm_config.smoothing)
@@ -180,6 +146,19 @@ class FactorSCM:
             sums = counts.sum(axis=-1, keepdims=True)
             tables[f] = np.where(sums > 0, counts / np.where(sums > 0, sums, 1.0), 1.0 / shape[-1])
         return cls(edges, tables)
+
+    @classmethod
+    def of_dataset(cls, manifest: dict) -> FactorSCM:
+        """The factor SCM a dataset's factors were drawn from, by its manifest: the `scm`
+        a 'scm' generator sampled from (tables given in the config), else dSprites' own
+        independent uniform factors on the dataset's (strided) grid. This is the truth that
+        counterfactuals of descendants and the condition/intervene families are scored
+        against, whatever tables a checkpoint learned."""
+        if manifest.get("generator") != "scm":
+            return cls.uniform().on_grid((manifest.get("grid") or {}).get("strides") or {})
+        if not manifest.get("scm"):
+            raise ScmError("manifest: generator 'scm' without the 'scm' it sampled from")
+        return cls.from_config(manifest["scm"])
 
     def on_grid(self, strides: dict) -> FactorSCM:
         """This SCM with every class off the dataset's grid (class % stride != 0) given

@@ -151,7 +151,7 @@ def generate(config: Config) -> tuple[np.ndarray, np.ndarray | None, dict]:
         from cvae.scm import FactorSCM  # another module's; only needed for this generator
 
         try:
-            scm = FactorSCM.from_config(config.scm, data_dir=None)
+            scm = FactorSCM.from_config(config.scm)
         except ValueError as exc:  # e.g. tables 'fit' has no data to count from here
             raise ConfigError(f"config.scm: cannot sample a dataset from it: {exc}") from None
         classes = scm.sample(data.scm_samples, config.seed)

@@ -370,6 +370,7 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     from ray.train.torch import TorchTrainer
 
     from cvae import fs
+    from cvae.reader import load_split
     from cvae.scm import FactorSCM
     from cvae.shards import MANIFEST, read_manifest
 
@@ -381,7 +382,8 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     fit = config.scm.tables == "fit"
     with fs.staged(data_uri, only=None if fit else [MANIFEST]) as data_local:
         manifest = read_manifest(data_local)
-        scm = FactorSCM.from_config(config.scm, data_local)
+        classes = load_split(data_local, "train")["classes"] if fit else None
+        scm = FactorSCM.from_config(config.scm, classes)
         if manifest.get("generator") in ("render", "import"):  # an SCM sample has no strides
             scm = scm.on_grid((manifest.get("grid") or {}).get("strides") or {})
         scm = scm.to_dict()

@@ -25,7 +25,7 @@ from cvae.families import (
     write_family_queries,
 )
 from cvae.grid import FACTORS, SHAPE_NAMES, classes_to_index
-from cvae.groundtruth import GroundTruth, generating_scm
+from cvae.groundtruth import GroundTruth
 from cvae.images import decode_image
 from cvae.make_queries import make_queries
 from cvae.queries import answer_queries, check_schema
@@ -93,9 +93,9 @@ def test_on_grid_gives_off_grid_classes_no_mass():
     assert (classes[:, SCALE] % 2 == 0).all() and (classes[:, ORIENT] % 4 == 0).all()
     assert FactorSCM.uniform().on_grid({}).to_dict() == FactorSCM.uniform().to_dict()
     # a render manifest's grid: the generating SCM is uniform over its strided classes
-    world = generating_scm({"generator": "render", "grid": {"strides": {"pos_x": 2}}})
+    world = FactorSCM.of_dataset({"generator": "render", "grid": {"strides": {"pos_x": 2}}})
     assert np.allclose(world.distribution("pos_x"), np.where(np.arange(32) % 2 == 0, 1 / 16, 0))
-    assert generating_scm(causal_manifest()).edges == CAUSAL_EDGES
+    assert FactorSCM.of_dataset(causal_manifest()).edges == CAUSAL_EDGES
 
 
 def test_a_strided_model_samples_only_classes_it_was_trained_on(tmp_path):
