@@ -13,6 +13,7 @@ first and passes the duplicated ones in `duplicate_ids`.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -83,57 +84,95 @@ def _present(table: pa.Table, name: str) -> np.ndarray:
     return pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
 
 
+@dataclasses.dataclass
+class _Rows:
+    """A normalised batch of query rows, parsed once, with the problems found per row."""
+    table: pa.Table
+    ids: list
+    kinds: np.ndarray  # str per row, "" for null
+    num_samples: np.ndarray
+    present: dict  # prefix ("", "do_", "given_") -> (n, 5) bool
+    values: dict  # prefix -> (n, 5) int64, -1 for null
+    has_source: np.ndarray
+    source: np.ndarray
+    has_image: np.ndarray
+    problems: dict = dataclasses.field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def parse(cls, table: pa.Table) -> _Rows:
+        kinds = np.array([k if k is not None else "" for k in table.column("kind").to_pylist()], dtype=object)
+        groups = {"": list(FACTORS), "do_": [f"do_{f}" for f in FACTORS], "given_": [f"given_{f}" for f in FACTORS]}
+        return cls(table, table.column("query_id").to_pylist(), kinds,
+                   pc.fill_null(table.column("num_samples"), 1).to_numpy(),
+                   {p: np.stack([_present(table, c) for c in cols], axis=1) for p, cols in groups.items()},
+                   {p: np.stack([_ints(table, c) for c in cols], axis=1) for p, cols in groups.items()},
+                   _present(table, "source_index"), _ints(table, "source_index"), _present(table, "image"))
+
+    def ok(self) -> np.ndarray:
+        return np.array([i not in self.problems for i in range(len(self.ids))], dtype=bool)
+
+
 def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
                    duplicate_ids: frozenset | set | None = None) -> tuple[pa.Table, pa.Table]:
     """Answer every valid query row: (results, errors) as Arrow tables (RESULT_SCHEMA, ERROR_SCHEMA).
 
     Raises QuerySchemaError for a batch whose columns are unusable; bad rows are error rows.
     """
-    table = normalize(queries)
-    n = table.num_rows
-    problems: dict[int, list[str]] = defaultdict(list)
-    ids = table.column("query_id").to_pylist()
-    kinds = np.array([k if k is not None else "" for k in table.column("kind").to_pylist()], dtype=object)
+    rows = _Rows.parse(normalize(queries))
+    _check_identity(rows, duplicate_ids or frozenset())
+    _check_numbers(rows, max_samples)
+    _check_kinds(rows)
+    factual, images = _observations(scm, rows)
+    _check_evidence(scm, rows, factual)
+    problems = rows.problems
+    errors = pa.table({"query_id": pa.array([rows.ids[i] for i in sorted(problems)], pa.string()),
+                       "error": pa.array(["; ".join(problems[i]) for i in sorted(problems)], pa.string())},
+                      schema=ERROR_SCHEMA)
+    valid = np.flatnonzero(rows.ok())
+    if not len(valid):
+        return RESULT_SCHEMA.empty_table(), errors
+    return _answer(scm, rows, valid, factual, images), errors
 
-    # --- identity and kind
+
+def _check_identity(rows: _Rows, duplicate_ids: frozenset | set) -> None:
     counts = defaultdict(int)
-    for qid in ids:
+    for qid in rows.ids:
         counts[qid] += 1
-    dups = duplicate_ids or frozenset()
-    for i, qid in enumerate(ids):
+    for i, qid in enumerate(rows.ids):
         if qid is None:
-            problems[i].append("query_id is null (required)")
+            rows.problems[i].append("query_id is null (required)")
         elif qid == "":
-            problems[i].append("query_id is empty")
-        elif counts[qid] > 1 or qid in dups:
-            problems[i].append(f"query_id {qid!r} appears more than once in the input (duplicates are not answered)")
-        if kinds[i] == "":
-            problems[i].append(f"kind is null (required: one of {', '.join(KINDS)})")
-        elif kinds[i] not in KINDS:
-            problems[i].append(f"unknown kind {kinds[i]!r} (expected one of {', '.join(KINDS)})")
+            rows.problems[i].append("query_id is empty")
+        elif counts[qid] > 1 or qid in duplicate_ids:
+            rows.problems[i].append(f"query_id {qid!r} appears more than once in the input "
+                                    "(duplicates are not answered)")
+        kind = rows.kinds[i]
+        if kind == "":
+            rows.problems[i].append(f"kind is null (required: one of {', '.join(KINDS)})")
+        elif kind not in KINDS:
+            rows.problems[i].append(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
 
-    # --- numbers
-    num_samples = pc.fill_null(table.column("num_samples"), 1).to_numpy()
+
+def _check_numbers(rows: _Rows, max_samples: int) -> None:
+    problems, num_samples = rows.problems, rows.num_samples
     for i in np.flatnonzero(num_samples < 1):
         problems[i].append(f"num_samples must be >= 1, got {num_samples[i]}")
     for i in np.flatnonzero(num_samples > max_samples):
         problems[i].append(f"num_samples {num_samples[i]} exceeds the limit of {max_samples} (query.max_samples)")
-    groups = {"": list(FACTORS), "do_": [f"do_{f}" for f in FACTORS], "given_": [f"given_{f}" for f in FACTORS]}
-    present, values = {}, {}
-    for prefix, cols in groups.items():
-        present[prefix] = np.stack([_present(table, c) for c in cols], axis=1)
-        values[prefix] = np.stack([_ints(table, c) for c in cols], axis=1)
-        for j, (col, f) in enumerate(zip(cols, FACTORS)):
-            bad = present[prefix][:, j] & ((values[prefix][:, j] < 0) | (values[prefix][:, j] >= FACTOR_SIZES[f]))
+    for prefix in ("", "do_", "given_"):
+        present, values = rows.present[prefix], rows.values[prefix]
+        for j, f in enumerate(FACTORS):
+            bad = present[:, j] & ((values[:, j] < 0) | (values[:, j] >= FACTOR_SIZES[f]))
             for i in np.flatnonzero(bad):
-                problems[i].append(f"{col}={values[prefix][i, j]} is out of range [0, {FACTOR_SIZES[f]})")
-    has_source = _present(table, "source_index")
-    source = _ints(table, "source_index")
-    has_image = _present(table, "image")
-    for i in np.flatnonzero(has_source & ((source < 0) | (source >= NUM_IMAGES))):
-        problems[i].append(f"source_index={source[i]} is out of range [0, {NUM_IMAGES})")
+                problems[i].append(f"{prefix}{f}={values[i, j]} is out of range [0, {FACTOR_SIZES[f]})")
+    for i in np.flatnonzero(rows.has_source & ((rows.source < 0) | (rows.source >= NUM_IMAGES))):
+        problems[i].append(f"source_index={rows.source[i]} is out of range [0, {NUM_IMAGES})")
 
-    # --- what each kind takes
+
+def _check_kinds(rows: _Rows) -> None:
+    """What each kind takes."""
+    problems, kinds, present = rows.problems, rows.kinds, rows.present
+    has_source, has_image = rows.has_source, rows.has_image
     cf = kinds == "counterfactual"
     fwd = (kinds == "condition") | (kinds == "intervene")
     for i in np.flatnonzero(fwd & (has_source | has_image | present[""].any(axis=1))):
@@ -152,65 +191,66 @@ def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
         missing = [f for j, f in enumerate(FACTORS) if not present[""][i, j]]
         problems[i].append(f"image needs its factor columns beside it; missing: {', '.join(missing)}")
 
-    # --- factual observations of the counterfactual rows that are fine so far
+
+def _observations(scm: ImageSCM, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """The factual classes (n, 5) and images (n, 4096) of the counterfactual rows fine so far."""
+    n, problems, values, present = len(rows.ids), rows.problems, rows.values[""], rows.present[""]
     factual = np.full((n, len(FACTORS)), -1, dtype=np.int64)
     images = np.zeros((n, 64 * 64), dtype=np.uint8)
-    ok = np.array([i not in problems for i in range(n)], dtype=bool)
-    image_rows = np.flatnonzero(ok & cf & has_image)
-    image_column = table.column("image")
-    for i in image_rows:
+    cf = rows.ok() & (rows.kinds == "counterfactual")
+    image_column = rows.table.column("image")
+    for i in np.flatnonzero(cf & rows.has_image):
         try:
             images[i] = decode_image(image_column[int(i)].as_py()).reshape(-1)
-            factual[i] = values[""][i]
+            factual[i] = values[i]
         except ValueError as exc:
             problems[i].append(f"image: {exc}")
-    source_rows = np.flatnonzero(ok & cf & has_source)
-    if len(source_rows):
-        factual[source_rows] = index_to_classes(source[source_rows], with_color=False)
+    source_rows = np.flatnonzero(cf & rows.has_source)
+    if not len(source_rows):
+        return factual, images
+    factual[source_rows] = index_to_classes(rows.source[source_rows], with_color=False)
+    for i in source_rows:
+        clash = [f"{f}={values[i, j]}" for j, f in enumerate(FACTORS)
+                 if present[i, j] and values[i, j] != factual[i, j]]
+        if clash:
+            problems[i].append(f"factor columns {', '.join(clash)} disagree with source_index "
+                               f"{rows.source[i]} (classes {factual[i].tolist()})")
+    if scm.ground_truth is None:
         for i in source_rows:
-            clash = [f"{f}={values[''][i, j]}" for j, f in enumerate(FACTORS)
-                     if present[""][i, j] and values[""][i, j] != factual[i, j]]
-            if clash:
-                problems[i].append(f"factor columns {', '.join(clash)} disagree with source_index "
-                                   f"{source[i]} (classes {factual[i].tolist()})")
-        if scm.ground_truth is None:
-            for i in source_rows:
-                problems[i].append("source_index needs the true images, but the checkpoint has no data manifest")
-        else:
-            _true_images(scm, source, source_rows, images, problems)
+            problems[i].append("source_index needs the true images, but the checkpoint has no data manifest")
+    else:
+        _true_images(scm, rows.source, source_rows, images, problems)
+    return factual, images
 
-    # --- evidence the SCM can explain
-    ok = np.array([i not in problems for i in range(n)], dtype=bool)
-    rows = np.flatnonzero(ok & cf)
-    if len(rows):
-        for i in rows[~np.isfinite(scm.factors.log_prob(factual[rows]))]:
-            problems[i].append("the factual factors have probability zero under the SCM")
-    rows = np.flatnonzero(ok & fwd)
-    if len(rows):
-        given = np.where(present["given_"][rows], values["given_"][rows], -1)
-        do = np.where(present["do_"][rows], values["do_"][rows], -1)
-        for i in rows[~scm.factors.evidence_possible(given, do)]:
-            problems[i].append("the evidence (given_*) has probability zero under the SCM"
-                               + (" with this intervention" if kinds[i] == "intervene" else ""))
 
-    errors = pa.table({"query_id": pa.array([ids[i] for i in sorted(problems)], pa.string()),
-                       "error": pa.array(["; ".join(problems[i]) for i in sorted(problems)], pa.string())},
-                      schema=ERROR_SCHEMA)
-    valid = np.array([i for i in range(n) if i not in problems], dtype=np.int64)
-    if not len(valid):
-        return RESULT_SCHEMA.empty_table(), errors
+def _check_evidence(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
+    """Evidence the SCM can explain: factual classes, and given_* under the do_*."""
+    ok = rows.ok()
+    cf = np.flatnonzero(ok & (rows.kinds == "counterfactual"))
+    if len(cf):
+        for i in cf[~np.isfinite(scm.factors.log_prob(factual[cf]))]:
+            rows.problems[i].append("the factual factors have probability zero under the SCM")
+    fwd = np.flatnonzero(ok & ((rows.kinds == "condition") | (rows.kinds == "intervene")))
+    if len(fwd):
+        given = np.where(rows.present["given_"][fwd], rows.values["given_"][fwd], -1)
+        do = np.where(rows.present["do_"][fwd], rows.values["do_"][fwd], -1)
+        for i in fwd[~scm.factors.evidence_possible(given, do)]:
+            rows.problems[i].append("the evidence (given_*) has probability zero under the SCM"
+                                    + (" with this intervention" if rows.kinds[i] == "intervene" else ""))
 
-    # --- expand to sample rows and answer a chunk at a time
-    seeds = _ints(table, "seed")
-    has_seed = _present(table, "seed")
-    seed = np.array([seeds[i] if has_seed[i] else seed_from_query_id(ids[i]) for i in valid], dtype=np.uint64)
-    per_query = num_samples[valid]
+
+def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, images: np.ndarray) -> pa.Table:
+    """Expand the valid rows to sample rows and answer them a chunk at a time."""
+    table, kinds = rows.table, rows.kinds
+    seeds, has_seed = _ints(table, "seed"), _present(table, "seed")
+    seed = np.array([seeds[i] if has_seed[i] else seed_from_query_id(rows.ids[i]) for i in valid], dtype=np.uint64)
+    per_query = rows.num_samples[valid]
     query_of = np.repeat(np.arange(len(valid)), per_query)
     sample = np.arange(len(query_of)) - np.repeat(np.cumsum(per_query) - per_query, per_query)
     rows_of = valid[query_of]
     keys = row_keys(seed[query_of], sample)
-    given_all = np.where(present["given_"], values["given_"], -1)
-    do_all = np.where(present["do_"], values["do_"], -1)
+    given_all = np.where(rows.present["given_"], rows.values["given_"], -1)
+    do_all = np.where(rows.present["do_"], rows.values["do_"], -1)
     classes, pngs = [], []
     for start in range(0, len(rows_of), ANSWER_CHUNK):
         r = rows_of[start:start + ANSWER_CHUNK]
@@ -219,7 +259,7 @@ def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
         classes.append(answer.classes)
         pngs.extend(encode_pngs(answer.images))
     classes = np.concatenate(classes)
-    is_cf = cf[rows_of]
+    is_cf = kinds[rows_of] == "counterfactual"
     columns = {
         "query_id": table.column("query_id").take(pa.array(rows_of)),
         "sample": pa.array(sample, pa.int64()),
@@ -230,7 +270,7 @@ def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
     for j, f in enumerate(FACTORS):
         columns[f"factual_{f}"] = pa.array(factual[rows_of, j], pa.int64(), mask=~is_cf)
     columns["image"] = pa.array(pngs, pa.binary())
-    return pa.table(columns, schema=RESULT_SCHEMA), errors
+    return pa.table(columns, schema=RESULT_SCHEMA)
 
 
 def _true_images(scm: ImageSCM, source: np.ndarray, rows: np.ndarray, images: np.ndarray,
