@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -42,9 +41,6 @@ from cvae.config import Config, ConfigError, config_from_dict
 from cvae.model import SupervisedVAE
 
 EVAL_SPLITS = ("validation", "test", "holdout")  # evaluated every train.eval_every epochs
-# Fault drills: "EPOCH:STEP:RANK" makes that worker SIGKILL itself once, at that step of
-# that epoch (a marker file in the run folder stops it firing again after the restart).
-KILL_ENV = "CVAE_TRAIN_KILL_AT"
 METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
 CURVE_PNG, RECON_PNG = "loss_curve.png", "reconstructions.png"
 
@@ -105,27 +101,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
     torch.set_num_threads(train.threads_per_worker)
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(config.seed)  # identical initial weights on every worker
-    model = SupervisedVAE.from_config(config.model)
-    optimizer_state, start_epoch, history, attempt = None, 1, [], 0
-    resume_dir = _resume_checkpoint(loop_config)
-    if resume_dir is not None:
-        with resume_dir as directory:
-            saved, meta = load_checkpoint(directory)
-            if saved.spec() != model.spec():
-                raise CheckpointError(
-                    f"run {loop_config['run_name']!r} was trained with model {saved.spec()}, "
-                    f"the config asks for {model.spec()}: use another run name"
-                )
-            model.load_state_dict(saved.state_dict())
-            optimizer_state = load_optimizer_state(directory)
-        start_epoch, history, attempt = meta["epoch"] + 1, meta["history"], meta["attempt"] + 1
-    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:  # the config's lr wins over the saved one
-            group["lr"] = train.lr
+    model, optimizer, start_epoch, history, attempt = _model_and_optimizer(loop_config, config)
 
     readers = {
         split: ShardReader(data_dir, split=split, rank=rank, world_size=world,
@@ -134,7 +110,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
         for split in ("train",) + EVAL_SPLITS
         if split == "train" or loop_config["manifest_counts"].get(split, 0) > 0
     }
-    kill_at = loop_config.get("kill_at")
+    step_hook = loop_config.get("step_hook")
 
     for epoch in range(start_epoch, train.epochs + 1):
         # Seeded per (epoch, rank): a resumed epoch draws the same z noise as the original.
@@ -143,8 +119,8 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
         started = time.perf_counter()
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for step, batch in enumerate(_capped(readers["train"].epoch(epoch), train.max_steps_per_epoch)):
-            if kill_at and (epoch, step, rank) == tuple(kill_at["where"]):
-                _kill_once(kill_at["marker"])
+            if step_hook is not None:
+                step_hook(epoch, step, rank, loop_config["run_dir"])
             x, y = _to_model(batch, device)
             loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -167,6 +143,36 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
                     record[f"{split}_loss"] = _evaluate(model, readers[split], device)
         history = history + [record]
         _report(loop_config, config, model, optimizer, record, history, rank)
+
+
+def _model_and_optimizer(loop_config: dict, config: Config):
+    """The model (on the device, in DDP when there are several workers) and its Adam, fresh
+    or resumed from the run's latest checkpoint; and the epoch to start at, the history so
+    far and the attempt number."""
+    import ray.train.torch
+
+    torch.manual_seed(config.seed)  # identical initial weights on every worker
+    model = SupervisedVAE.from_config(config.model)
+    optimizer_state, start_epoch, history, attempt = None, 1, [], 0
+    resume_dir = _resume_checkpoint(loop_config)
+    if resume_dir is not None:
+        with resume_dir as directory:
+            saved, meta = load_checkpoint(directory)
+            if saved.spec() != model.spec():
+                raise CheckpointError(
+                    f"run {loop_config['run_name']!r} was trained with model {saved.spec()}, "
+                    f"the config asks for {model.spec()}: use another run name"
+                )
+            model.load_state_dict(saved.state_dict())
+            optimizer_state = load_optimizer_state(directory)
+        start_epoch, history, attempt = meta["epoch"] + 1, meta["history"], meta["attempt"] + 1
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # the config's lr wins over the saved one
+            group["lr"] = config.train.lr
+    return model, optimizer, start_epoch, history, attempt
 
 
 def _resume_checkpoint(loop_config: dict):
@@ -305,18 +311,6 @@ def _print_progress(record: dict, epochs: int) -> None:
     print("  ".join(parts), file=sys.__stdout__ or sys.stdout, flush=True)
 
 
-def _kill_once(marker: str) -> None:
-    """The fault drill: SIGKILL this worker process, once per marker file."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.write(fd, str(os.getpid()).encode())
-    os.fsync(fd)
-    os.close(fd)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ---------------------------------------------------------------- local-mode bookkeeping
 
 
@@ -359,16 +353,31 @@ def _score_key(metrics: dict, score: str) -> tuple[int, float, int]:
 
 
 def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
-                 run_name: str | None = None) -> TrainingResult:
+                 run_name: str | None = None, step_hook=None) -> TrainingResult:
     """Train per `config.train` on the shards in `data_dir`; checkpoints go to
     `out_dir/<run_name>/`, metrics and figures to `out_dir` (a local path, or a pyarrow
     filesystem URI with Ray workers). A run whose folder already holds checkpoints
     continues from the latest one. The best checkpoint is chosen by validation loss, or
-    by test loss when the dataset has no validation split."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    by test loss when the dataset has no validation split.
 
+    `step_hook(epoch, step, rank, run_dir)`, if given, runs on every worker before each
+    training step (fault drills and instrumentation; it travels to the workers pickled)."""
+    import ray
+
+    loop_config = _loop_config(config, data_dir, out_dir, run_name or config.name)
+    if step_hook is not None:
+        loop_config["step_hook"] = step_hook
+    if loop_config["local_mode"]:
+        Path(loop_config["run_dir"]).mkdir(parents=True, exist_ok=True)
+    elif not ray.is_initialized():
+        from cvae.localray import init_ray  # token auth, loopback only, for a local Ray
+
+        init_ray(config.ray_address, num_cpus=config.num_cpus)
+    return _collect(_fit(config, loop_config), loop_config)
+
+
+def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_name: str) -> dict:
+    """What every worker needs (plain data: it is pickled to each one), checked here first."""
     from cvae import fs
     from cvae.reader import load_split
     from cvae.scm import FactorSCM
@@ -377,7 +386,6 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     data_uri = str(data_dir).rstrip("/") if fs.is_uri(data_dir) else str(Path(data_dir).resolve())
     remote = fs.is_uri(out_dir)
     out = str(out_dir).rstrip("/") if remote else str(Path(out_dir).resolve())
-    run_name = run_name or config.name
     # The driver needs the manifest (and every shard only to fit the SCM's tables by counting).
     fit = config.scm.tables == "fit"
     with fs.staged(data_uri, only=None if fit else [MANIFEST]) as data_local:
@@ -386,40 +394,31 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
         scm = FactorSCM.from_config(config.scm, classes)
         if manifest.get("generator") in ("render", "import"):  # an SCM sample has no strides
             scm = scm.on_grid((manifest.get("grid") or {}).get("strides") or {})
-        scm = scm.to_dict()
-    train = config.train
-    local_mode = train.num_workers == 0
+    local_mode = config.train.num_workers == 0
     if local_mode and remote:
         raise ConfigError(f"train.num_workers: 0 (local mode) writes checkpoints to a local "
                           f"folder; {out_dir!r} is a URI")
-    run_dir = fs.join(out, run_name)
-    loop_config = {
+    counts = _split_counts(manifest)
+    if counts.get("train", 0) == 0:
+        raise ConfigError(f"{data_dir}: the manifest lists no training rows")
+    score = score_metric(counts)
+    if score != "validation_loss":
+        print(f"{data_dir}: no validation split: the best checkpoint is chosen by test loss", flush=True)
+    return {
         "config": config.to_dict(), "data_dir": data_uri, "manifest": manifest,
-        "manifest_counts": _split_counts(manifest), "scm": scm,
-        "local_mode": local_mode, "run_dir": run_dir, "run_name": run_name,
+        "manifest_counts": counts, "scm": scm.to_dict(), "score": score, "out": out, "remote": remote,
+        "local_mode": local_mode, "run_dir": fs.join(out, run_name), "run_name": run_name,
         # Per-epoch metrics and curve, refreshed by rank 0 (a local folder only).
         "progress_dir": None if remote else out,
     }
-    if loop_config["manifest_counts"].get("train", 0) == 0:
-        raise ConfigError(f"{data_dir}: the manifest lists no training rows")
-    score = loop_config["score"] = score_metric(loop_config["manifest_counts"])
-    if score != "validation_loss":
-        print(f"{data_dir}: no validation split: the best checkpoint is chosen by test loss",
-              flush=True)
-    kill_at = os.environ.get(KILL_ENV)
-    if kill_at:
-        if local_mode or remote:
-            raise ConfigError(f"{KILL_ENV} needs Ray Train workers and a local output folder")
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        loop_config["kill_at"] = {"where": _parse_kill_at(kill_at),
-                                  "marker": str(Path(run_dir) / f".killed-{kill_at.replace(':', '-')}")}
 
-    if local_mode:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-    elif not ray.is_initialized():
-        from cvae.localray import init_ray  # token auth, loopback only, for a local Ray
 
-        init_ray(config.ray_address, num_cpus=config.num_cpus)
+def _fit(config: Config, loop_config: dict):
+    """Run the workers with Ray Train; returns Ray Train's result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    train, local_mode = config.train, loop_config["local_mode"]
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -428,19 +427,26 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
             resources_per_worker=None if local_mode else {"CPU": train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=out,
+            name=loop_config["run_name"], storage_path=loop_config["out"],
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             # Ray keeps the latest checkpoint besides the best ones, so a rerun resumes.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
-                checkpoint_score_attribute=score, checkpoint_score_order="min"),
+                checkpoint_score_attribute=loop_config["score"], checkpoint_score_order="min"),
         ),
     )
-    result = trainer.fit()
+    return trainer.fit()
 
-    # The kept checkpoints, each with its JSON: in local mode from the run folder, else
-    # the ones Ray Train kept (the best few by the score, and the latest).
-    if local_mode:
+
+def _collect(result, loop_config: dict) -> TrainingResult:
+    """The kept checkpoints (in local mode from the run folder, else the ones Ray Train
+    kept: the best few by the score, and the latest), the metrics files and figures."""
+    import ray.train
+
+    from cvae import fs
+
+    run_dir, out, remote, score = (loop_config[k] for k in ("run_dir", "out", "remote", "score"))
+    if loop_config["local_mode"]:
         kept = [(ray.train.Checkpoint.from_directory(str(p)), meta)
                 for p, meta in _local_checkpoints(Path(run_dir))]
     else:
@@ -457,7 +463,7 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     with fs.local_output(out) as local_out:
         files = write_metrics(local_out, history)
         with best.as_directory() as directory, \
-                fs.staged(data_uri, only=rank_files(manifest, 0, 1)) as data_local:
+                fs.staged(loop_config["data_dir"], only=rank_files(loop_config["manifest"], 0, 1)) as data_local:
             save_reconstructions(directory, data_local, local_out / RECON_PNG)
         files["reconstructions"] = str(local_out / RECON_PNG)
     if remote:
@@ -466,21 +472,12 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
     def where(checkpoint) -> str:
         return fs.join(run_dir, Path(checkpoint.path).name) if remote else checkpoint.path
 
-    return TrainingResult(run_dir, where(best), where(latest), history, files, best_meta["metrics"],
-                          score)
+    return TrainingResult(run_dir, where(best), where(latest), history, files, best_meta["metrics"], score)
 
 
 def _split_counts(manifest: dict) -> dict[str, int]:
     """Rows per split, as the manifest counts them."""
     return {split: int(n) for split, n in manifest["counts"].items()}
-
-
-def _parse_kill_at(text: str) -> tuple[int, int, int]:
-    try:
-        epoch, step, rank = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise ConfigError(f"{KILL_ENV}={text!r}: expected EPOCH:STEP:RANK, e.g. 2:3:1") from None
-    return epoch, step, rank
 
 
 def _json_safe(value):

@@ -12,7 +12,7 @@ from cvae.config import load_config
 from cvae.model import SupervisedVAE
 from cvae.reader import load_split
 from cvae.shards import write_dataset
-from cvae.train import KILL_ENV, reconstruct, run_training
+from cvae.train import reconstruct, run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -112,10 +112,14 @@ def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
     # Worker rank 1 SIGKILLs itself at step 3 of epoch 2: mid-epoch, after the epoch-1
     # checkpoint. FailureConfig(max_failures=2) restarts the worker group, which resumes
     # from the latest checkpoint that Ray Train hands to the workers.
-    monkeypatch.setenv(KILL_ENV, "2:3:1")
+    import faults
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(faults)  # the workers cannot import tests/
+    drill = faults.KillOnce(epoch=2, step=3, rank=1)
     result = run_training(tiny_config(num_workers=2, epochs=2, max_failures=2),
-                          tiny_data, tmp_path, run_name="two")
-    marker = Path(result.run_dir) / ".killed-2-3-1"
+                          tiny_data, tmp_path, run_name="two", step_hook=drill)
+    marker = drill.marker(result.run_dir)
     assert marker.is_file() and int(marker.read_text()) > 0  # the kill really happened
     # Every epoch exactly once; epoch 1 survived from the first attempt and the restart
     # began at the interrupted epoch 2: less than one epoch of work was lost.
@@ -131,7 +135,6 @@ def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
     # hands the latest checkpoint to the workers, which continue at epoch 3 with the
     # optimizer state. (The marker stops the kill from firing again.) This time the
     # output folder is given as a file:// URI: the same storage, through pyarrow.
-    monkeypatch.delenv(KILL_ENV)
     again = run_training(tiny_config(num_workers=2, epochs=3), tiny_data, f"file://{tmp_path}",
                          run_name="two")
     assert [(r["epoch"], r["attempt"]) for r in again.history] == [(1, 0), (2, 1), (3, 2)]
