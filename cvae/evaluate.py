@@ -300,15 +300,7 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
     checkpoint = resolve_checkpoint(checkpoint)
     with fs.staged(results) as results_local, fs.staged(queries) as queries_local, \
             fs.staged(checkpoint) as ckpt_local, fs.local_output(out_dir) as out_local:
-        meta = load_meta(ckpt_local)
-        manifest = meta.get("manifest")
-        if data_dir is not None:
-            from cvae.shards import MANIFEST, read_manifest
-
-            with fs.staged(data_dir, only=[MANIFEST]) as data_local:
-                manifest = read_manifest(data_local)
-        if not manifest:
-            raise EvaluationError(f"{checkpoint}: the checkpoint has no data manifest; give --data")
+        manifest = _manifest(load_meta(ckpt_local), data_dir, checkpoint)
         truth = GroundTruth.from_manifest(manifest)
         scm = ImageSCM.from_checkpoint(ckpt_local)
         scm.ground_truth = truth
@@ -336,9 +328,6 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
 
         report = _report(state, seen_rows, unmatched, results, checkpoint, queries)
         report["composition"]["model"] = model_composition
-        report["world"] = {"edges": [list(e) for e in world.edges],
-                           "classes_agree": None if not state.agree[0] else
-                           round(state.agree[1] / state.agree[0], 6)}
         if asked is not None:
             report["families"] = _family_table(files, asked, readout, world)
             save_family_figure(out_local / "figures" / "families.png", report["families"])
@@ -350,6 +339,19 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
         fs.write_text_atomic(out_local / "report.md", markdown(report))
         fs.write_text_atomic(out_local / "report.json", json.dumps(report, indent=2))  # last
     return report
+
+
+def _manifest(meta: dict, data_dir, checkpoint) -> dict:
+    """The data manifest: the dataset's own when `data_dir` is given, else the checkpoint's copy."""
+    manifest = meta.get("manifest")
+    if data_dir is not None:
+        from cvae.shards import MANIFEST, read_manifest
+
+        with fs.staged(data_dir, only=[MANIFEST]) as data_local:
+            manifest = read_manifest(data_local)
+    if not manifest:
+        raise EvaluationError(f"{checkpoint}: the checkpoint has no data manifest; give --data")
+    return manifest
 
 
 def _family_table(files: list[Path], asked: tuple, readout, world) -> list[dict]:
@@ -414,10 +416,7 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
     # The true counterfactual world: the generating SCM run on the factual's abducted noise,
     # drawn with the row keys the answer's own noise came from (the query's seed, else its
     # id's hash; cvae.queries). Under independent factors: the factual with the do applied.
-    seeds = table["seed"].to_pylist()
-    seeds = np.array([seed_from_query_id(q) if s is None else s % 2**64 for q, s in zip(query_ids, seeds)],
-                     dtype=np.uint64)
-    cf = st.world.forward(st.world.abduct_gumbels(factual, row_keys(seeds, samples)), do)
+    cf = _true_world(st.world, table, factual, do)
     own = _ints(table, list(FACTORS))  # the world the model's SCM answered in
     st.agree[0] += n
     st.agree[1] += int((own == cf).all(1).sum())
@@ -439,7 +438,6 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
                    "factual": (true_factual, at_factual[:, None]),
                    "blank": (np.zeros_like(answer), None),
                    "random": (st.truth.images(random_at), random_at[:, None])}
-    everything = {"all": np.ones(n, dtype=bool)}
     for name, (images, hints) in answer_sets.items():
         started = time.perf_counter()
         readback = st.readout.read(images, hints)
@@ -447,21 +445,9 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
         counter[0] += n
         counter[1] += time.perf_counter() - started
         scores = score(images, true_cf, do, factual, preserved, readback, downstream, cf)
-        _add(st.groups, name, names, parts if name == "model" else everything,
+        _add(st.groups, name, names, parts if name == "model" else {"all": np.ones(n, dtype=bool)},
              lambda s, mask: s.add(scores, mask, do, preserved, downstream))  # noqa: B023 (called at once)
-
-    # Composition, the SCM's way: a null intervention returns the factual image exactly.
-    st.null[0] += int(null.sum())
-    st.null[1] += int((answer[null] == true_factual[null]).reshape(-1, answer[0].size).all(1).sum())
-    st.null[2] += float(pixel_error(answer[null], true_factual[null]).sum())
-    # The model's composition runs later on a seeded sample of distinct factual images.
-    if st.composition_limit:
-        for index in np.unique(at_factual).tolist():
-            st.composition_pool.setdefault(index, seed_from_query_id(f"composition:{index}"))
-        if len(st.composition_pool) > 4 * st.composition_limit:
-            kept = sorted(st.composition_pool.items(), key=lambda kv: kv[1])[:st.composition_limit]
-            st.composition_pool = dict(kept)
-
+    _composition(st, null, answer, true_factual, at_factual)
     if st.figures_per_factor:
         _keep_figures(st, ~null & (samples == 0), names, factual, do, keys,
                       (true_factual, answer, true_cf))
@@ -476,6 +462,32 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
             pool = pa.concat_tables([st.rev_pool[name], mine]) if name in st.rev_pool else mine
             st.rev_pool[name] = pool.sort_by("_key").slice(0, st.rev_limit)
     return unmatched
+
+
+def _true_world(world, table: pa.Table, factual: np.ndarray, do: np.ndarray) -> np.ndarray:
+    """The true counterfactual classes (n, 5): the generating SCM run on the factual's
+    abducted noise, drawn with the row keys the answer's own noise came from (the query's
+    seed, else its id's hash; cvae.queries). Under independent factors: the factual with the
+    do applied."""
+    seeds = [seed_from_query_id(q) if s is None else s % 2**64
+             for q, s in zip(table["query_id"].to_pylist(), table["seed"].to_pylist())]
+    keys = row_keys(np.array(seeds, dtype=np.uint64), table["sample"].to_numpy())
+    return world.forward(world.abduct_gumbels(factual, keys), do)
+
+
+def _composition(st: _State, null: np.ndarray, answer: np.ndarray, true_factual: np.ndarray,
+                 at_factual: np.ndarray) -> None:
+    """The SCM's composition (a null intervention returns the factual image exactly), and the
+    pool of distinct factual images the model's own composition runs on later (seeded)."""
+    st.null[0] += int(null.sum())
+    st.null[1] += int((_flat(answer[null]) == _flat(true_factual[null])).all(1).sum())
+    st.null[2] += float(pixel_error(answer[null], true_factual[null]).sum())
+    if st.composition_limit:
+        for index in np.unique(at_factual).tolist():
+            st.composition_pool.setdefault(index, seed_from_query_id(f"composition:{index}"))
+        if len(st.composition_pool) > 4 * st.composition_limit:
+            kept = sorted(st.composition_pool.items(), key=lambda kv: kv[1])[:st.composition_limit]
+            st.composition_pool = dict(kept)
 
 
 def _keep_figures(st: _State, eligible: np.ndarray, names: np.ndarray, factual: np.ndarray,
@@ -623,6 +635,8 @@ def _report(st: _State, rows: int, unmatched: int, results, checkpoint, queries)
                                               "pixel_error": None if not count else round(error / count, 6)}},
         "controls": {name: _section(st.groups, name, "all") for name in CONTROLS},
         "holdout_rules": st.holdout,
+        "world": {"edges": [list(e) for e in st.world.edges],
+                  "classes_agree": None if not st.agree[0] else round(st.agree[1] / st.agree[0], 6)},
     }
     if st.holdout:
         report["holdout"] = {part: _section(st.groups, "model", part) for part in ("holdout", "seen")}
@@ -744,31 +758,7 @@ def markdown(report: dict) -> str:
                    f"{_fmt(random.get('effectiveness_by_factor', {}).get(f))} | "
                    f"{_fmt(random.get('preservation_by_factor', {}).get(f))} |")
 
-    null, own = report["composition"]["null_intervention"], report["composition"].get("model") or {}
-    out += ["", "## Composition", "",
-            "The SCM's null intervention (a correctness check, exact by construction): "
-            f"{null['count']} rows, exact {_fmt(null['exact'])}, pixel error {_fmt(null['pixel_error'], 4)}.", "",
-            f"The model's own, on {own.get('count', 0)} factual images: encoded and decoded at the "
-            "factual classes with the most likely pixels, k times, against the factual image:", "",
-            "| k | IoU | exact |", "| ---: | ---: | ---: |"]
-    for k in own.get("iou", {}):
-        out.append(f"| {k} | {_fmt(own['iou'][k])} | {_fmt(own['exact'][k])} |")
-
-    out += ["", "## Controls", "",
-            "The same metrics for answer sets that know nothing, built from the same rows "
-            "(intervened rows):", "",
-            "| answers | rows | IoU | pixel error | effectiveness | preservation | read nothing |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    labels = {"model": "the model", "factual": "factual image unchanged", "blank": "blank image",
-              "random": "random grid image"}
-    sections = {"model": model, **report["controls"]}
-    for name, label in labels.items():
-        s = sections[name]["overall"]
-        if s is not None:
-            out.append(f"| {label} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
-                       f"{_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
-                       f"{_fmt(s['read_nothing'])} |")
-
+    out += _md_composition(report) + _md_controls(report, model)
     if report.get("families"):
         out += ["", "## Conditioning versus intervening", "",
                 "Each question asked `samples` times through the query job; the answer images read "
@@ -784,3 +774,34 @@ def markdown(report: dict) -> str:
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(out) + "\n"
+
+
+def _md_composition(report: dict) -> list[str]:
+    null, own = report["composition"]["null_intervention"], report["composition"].get("model") or {}
+    out = ["", "## Composition", "",
+            "The SCM's null intervention (a correctness check, exact by construction): "
+            f"{null['count']} rows, exact {_fmt(null['exact'])}, pixel error {_fmt(null['pixel_error'], 4)}.", "",
+            f"The model's own, on {own.get('count', 0)} factual images: encoded and decoded at the "
+            "factual classes with the most likely pixels, k times, against the factual image:", "",
+            "| k | IoU | exact |", "| ---: | ---: | ---: |"]
+    for k in own.get("iou", {}):
+        out.append(f"| {k} | {_fmt(own['iou'][k])} | {_fmt(own['exact'][k])} |")
+    return out
+
+
+def _md_controls(report: dict, model: dict) -> list[str]:
+    out = ["", "## Controls", "",
+            "The same metrics for answer sets that know nothing, built from the same rows "
+            "(intervened rows):", "",
+            "| answers | rows | IoU | pixel error | effectiveness | preservation | read nothing |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    labels = {"model": "the model", "factual": "factual image unchanged", "blank": "blank image",
+              "random": "random grid image"}
+    sections = {"model": model, **report["controls"]}
+    for name, label in labels.items():
+        s = sections[name]["overall"]
+        if s is not None:
+            out.append(f"| {label} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
+                       f"{_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
+                       f"{_fmt(s['read_nothing'])} |")
+    return out

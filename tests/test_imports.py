@@ -1,4 +1,4 @@
-"""The package's import graph has no cycle, counting imports inside functions too (a cycle
+"""The package's shape: no import cycle, counting imports inside functions too (a cycle
 hidden by a function-local import is still one module needing another that needs it)."""
 import ast
 from pathlib import Path
@@ -56,3 +56,16 @@ def test_no_import_cycle():
     assert "cvae.scm" in graph and "cvae.rng" in graph["cvae.scm"]  # the walker sees the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_function_is_much_longer_than_a_screen():
+    """Each function does one thing: none over 70 lines in the package and the jobs."""
+    long = []
+    for package in ("cvae", "jobs"):
+        for path in (REPO / package).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > 70:
+                        long.append(f"{package}/{path.name}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "functions to split: " + ", ".join(long)
