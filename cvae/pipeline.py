@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
 from cvae import fs
 from cvae.config import Config
 from cvae.grid import FACTORS
+from cvae.logs import progress
 from cvae.stages import changed_keys, file_digest, fingerprint, finished, read_record, write_record
 
 STAGES = ("data", "train", "queries", "answers", "evaluate")
+log = logging.getLogger(__name__)
 
 
 def counterfactual_spec(config: Config) -> dict:
@@ -55,16 +58,16 @@ class _Run:
     def stage(self, name: str) -> None:
         title = f"{STAGES.index(name) + 1}/{len(STAGES)} {name}"
         self.started[title] = time.time()
-        print(f"\n== {title} " + "=" * (60 - len(title)), flush=True)
+        log.info("== %s %s", title, "=" * (60 - len(title)))
 
     def reuse(self, stage: str, folder: str, inputs: dict, marker: str) -> dict | None:
         """The finished record to reuse (and one line saying so), or None to redo the stage."""
         if stage in self.force:
-            print(f"redoing {stage} (--force {stage})")
+            log.info("redoing %s (--force %s)", stage, stage)
             return None
         record = finished(folder, inputs, marker)
         if record is not None:
-            print(f"reusing {stage} in {folder}: finished, inputs unchanged")
+            log.info("reusing %s in %s: finished, inputs unchanged", stage, folder)
         return record
 
 
@@ -109,8 +112,9 @@ def _data(run: _Run) -> tuple[str, str]:
     inputs = {"data": dataclasses.asdict(config.data), "seed": config.seed, "renderer": RENDERER_VERSION,
               "scm": dataclasses.asdict(config.scm) if config.data.generator == "scm" else None}
     if not run.reuse("data", data_dir, inputs, MANIFEST):
-        with fs.local_output(data_dir) as local:  # a URI is uploaded once complete
-            manifest = write_dataset(config, local)
+        with fs.local_output(data_dir) as local, progress(config.data.num_shards, "rendering and writing shards",
+                                                          log, unit="shards") as bar:
+            manifest = write_dataset(config, local, progress=lambda done, total, entry: bar.set(done, total))
         write_record(data_dir, "data", inputs, {"rows": sum(manifest["counts"].values())})
     return data_dir, fingerprint(inputs)
 
@@ -131,12 +135,12 @@ def _train(run: _Run, data_dir: str, data_id: str):
         changed = [] if earlier is None else changed_keys(earlier["inputs"].get("identity", {}), identity)
         if ("train" in run.force or changed) and _remove(fs.join(folder, config.name)):
             why = "--force train" if "train" in run.force else f"its inputs changed ({', '.join(changed)})"
-            print(f"training from scratch ({why}): removed the earlier run {fs.join(folder, config.name)}")
+            log.info("training from scratch (%s): removed the earlier run %s", why, fs.join(folder, config.name))
         write_record(folder, "train", inputs)  # started: an interruption resumes, not restarts
         training = run_training(config, data_dir, folder)
         result = {f.name: getattr(training, f.name) for f in dataclasses.fields(training) if f.name != "history"}
         write_record(folder, "train", inputs, result)
-    print(f"best checkpoint: {training.best_checkpoint}")
+    log.info("best checkpoint: %s", training.best_checkpoint)
     checkpoint_id = {"checkpoint": training.best_checkpoint,
                      "meta": file_digest(fs.join(training.best_checkpoint, "checkpoint.json"))}
     return training, checkpoint_id
@@ -155,14 +159,14 @@ def _queries(run: _Run, data_dir: str, data_id: str) -> tuple[str, str]:
     record = run.reuse("queries", folder, inputs, "_summary.json")
     if record is None:
         made = make_queries(spec, folder, data_dir=data_dir)
-        print(f"{made['num_queries']} counterfactual queries from {made['num_sources']} "
-              f"test sources -> {folder}")
+        log.info("%d counterfactual queries from %d test sources -> %s", made["num_queries"],
+                 made["num_sources"], folder)
         with fs.local_output(folder) as local:
             asked = write_family_queries(families, config.pipeline.family_samples, config.seed,
                                          config.query.max_samples, local)
         if families:
-            print(f"{asked['queries']} condition/intervene queries: {len(families)} families x 2 kinds x "
-                  f"{config.pipeline.family_samples} samples")
+            log.info("%d condition/intervene queries: %d families x 2 kinds x %d samples", asked["queries"],
+                     len(families), config.pipeline.family_samples)
         write_record(folder, "queries", inputs, {"counterfactual": made["num_queries"],
                                                  "families": asked["queries"]})
     return folder, fingerprint(inputs)

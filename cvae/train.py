@@ -23,6 +23,7 @@ in), so the history survives restarts and any checkpoint tells its own story.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -403,7 +404,8 @@ def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_
         raise ConfigError(f"{data_dir}: the manifest lists no training rows")
     score = score_metric(counts)
     if score != "validation_loss":
-        print(f"{data_dir}: no validation split: the best checkpoint is chosen by test loss", flush=True)
+        logging.getLogger(__name__).warning("%s: no validation split: the best checkpoint is chosen by test loss",
+                                            data_dir)
     return {
         "config": config.to_dict(), "data_dir": data_uri, "manifest": manifest,
         "manifest_counts": counts, "scm": scm.to_dict(), "score": score, "out": out, "remote": remote,

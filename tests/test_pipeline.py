@@ -1,5 +1,6 @@
 """The main job end to end on the tiny config, with every path a file:// URI."""
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ from cvae.reader import load_split
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_session, tmp_path, capsys):
+def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_session, tmp_path, caplog):
     config = load_config(REPO / "configs" / "tiny.yaml",
                          {"train.epochs": 1, "pipeline.num_queries": 60})
     out = tmp_path / "run"
@@ -46,10 +47,11 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
 
     # A rerun reuses every finished stage whose inputs did not change, saying so, and
     # starts no training.
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="cvae")
+    caplog.clear()
     first_epochs = json.loads((out / "train" / "metrics.json").read_text())
     again = run_pipeline(config, out.as_uri())
-    said = capsys.readouterr().out
+    said, _ = caplog.text, caplog.clear()
     for stage in STAGES:
         assert f"reusing {stage} in " in said, stage
     assert again["stage_seconds"]["2/5 train"] < 5 and sum(again["stage_seconds"].values()) < 20
@@ -58,7 +60,7 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
     # --force redoes one stage; the answers come out the same, so evaluation is reused.
     answered = (out / "answers" / "_SUCCESS.json").stat().st_mtime
     run_pipeline(config, out.as_uri(), force=["answers"])
-    said = capsys.readouterr().out
+    said, _ = caplog.text, caplog.clear()
     assert "redoing answers (--force answers)" in said and "reusing evaluate in " in said
     assert (out / "answers" / "_SUCCESS.json").stat().st_mtime > answered
 
@@ -66,7 +68,7 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
     # evaluation again; one more epoch continues the finished training (epoch 1 is kept).
     more = load_config(REPO / "configs" / "tiny.yaml", {"train.epochs": 2, "pipeline.num_queries": 72})
     longer = run_pipeline(more, out.as_uri())
-    said = capsys.readouterr().out
+    said = caplog.text
     assert "reusing data in " in said and "training from scratch" not in said
     assert not any(f"reusing {stage} in " in said for stage in ("train", "queries", "answers", "evaluate"))
     epochs = json.loads((out / "train" / "metrics.json").read_text())

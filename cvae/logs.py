@@ -1,0 +1,83 @@
+"""Logs and progress, the standard library's way.
+
+Modules log to `logging.getLogger(__name__)` (all under `cvae`); the job entry points call
+`configure(level)` once, which sends those records to stderr as plain lines, so stdout
+keeps only a job's results (its summary). Used as a library, cvae says nothing below
+WARNING until the caller configures logging.
+
+`progress(total, what)` counts long work: a tqdm bar on a terminal, and in a file or a
+pipe (a cluster job's log) a line at every 10% instead of a bar redrawn in place.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure(level: str = "INFO") -> None:
+    """Send the `cvae` and `jobs` loggers to stderr at `level` (one of LEVELS)."""
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    for name in ("cvae", "jobs"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)  # (records still reach the root logger: none is set up in a job)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (it may be replaced)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class progress:
+    """Count `total` units of `what` (a context manager; call `update(n)` as work is done)."""
+
+    def __init__(self, total: int, what: str, logger: logging.Logger | None = None, unit: str = "it"):
+        self.total, self.what, self.unit = max(int(total), 1), what, unit
+        self.log = logger or logging.getLogger("cvae")
+        self.done, self.next_tenth, self.bar = 0, 1, None
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> progress:
+        if sys.stderr.isatty() and self.log.isEnabledFor(logging.INFO):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.what, unit=self.unit, leave=False)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        while self.next_tenth <= 10 and self.done * 10 >= self.next_tenth * self.total:
+            self.log.info("%s: %d%% (%d of %d %s, %.0f s)", self.what, self.next_tenth * 10, self.done,
+                          self.total, self.unit, time.perf_counter() - self.started)
+            self.next_tenth += 1
+
+    def set(self, done: int, total: int) -> None:
+        """Report `done` of `total` (for callers that count themselves)."""
+        self.total = max(int(total), 1)
+        if self.bar is not None:
+            self.bar.total = self.total
+        self.update(done - self.done)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,32 @@
+"""Logs and progress: one configuration for the jobs; progress lines, not bars, in files."""
+import logging
+
+import pytest
+
+from cvae.logs import configure, progress
+
+
+def test_progress_says_every_tenth_once_when_not_on_a_terminal(caplog):
+    caplog.set_level(logging.INFO, logger="cvae")
+    with progress(20, "rendering", unit="shards") as bar:
+        for _ in range(20):
+            bar.update()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 and lines[0].startswith("rendering: 10% (2 of 20 shards")
+    assert lines[-1].startswith("rendering: 100% (20 of 20 shards")
+    caplog.clear()
+    with progress(0, "counting") as bar:  # a total learned on the way
+        bar.set(3, 12)
+        bar.set(12, 12)
+    assert [r.getMessage()[:14] for r in caplog.records][-1] == "counting: 100%"
+
+
+def test_configure_checks_the_level_and_sends_cvae_records_to_stderr(capsys):
+    with pytest.raises(ValueError, match="log level must be one of"):
+        configure("LOUD")
+    configure("WARNING")
+    logging.getLogger("cvae.pipeline").info("not shown")
+    logging.getLogger("cvae.pipeline").warning("shown")
+    err = capsys.readouterr().err
+    assert "shown" in err and "not shown" not in err
+    configure("INFO")
