@@ -252,12 +252,21 @@ class Config:
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
-    """Read, type-check and validate a YAML config; `overrides` are dotted keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """Read, type-check and validate a YAML config (a path or a URI); `overrides` are dotted keys."""
+    from cvae import fs
+
+    if fs.is_uri(path):
+        try:
+            text = fs.read_bytes(path).decode()
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise ConfigError(f"config file not found: {path} ({exc})") from None
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

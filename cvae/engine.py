@@ -13,14 +13,21 @@ across blocks, not only within one.
 Output layout and commit protocol (docs/queries.md):
     out/results/part-*.parquet   RESULT_SCHEMA rows, one per sample
     out/errors/part-*.parquet    ERROR_SCHEMA rows, one per bad query
-    out/_SUCCESS.json            the run's summary, written last
-Write tasks write into out/_staging-<run id>/ (a name Parquet readers skip) through the
-output's filesystem, so tasks on any node can write to shared or object storage; each file
-is written under a temporary name and moved, and a write task reports the files it
-finished. Only when the whole dataset is written does the driver delete unreported files
-(from killed or retried tasks), move the folders into place, and write _SUCCESS.json. A
-killed job leaves nothing partial in results/ or errors/; a rerun with the same out removes
-stale staging folders and replaces the output, so it never holds duplicates.
+    out/_SUCCESS.json            the run's summary and the list of committed files, written last
+    out/_LEASE.json              while a job runs: its lease on the folder (cvae.lease)
+A job first takes the folder's lease, so a second job into the same folder refuses
+(OutputBusyError) instead of deleting the first one's staged files. Write tasks write into
+out/_staging-<run id>/ (a name Parquet readers skip) through the output's filesystem, so
+tasks on any node can write to shared or object storage; each file is written under a
+temporary name and moved, and a write task reports the files it finished. Only when the
+whole dataset is written does the driver delete unreported files (from killed or retried
+tasks), remove _SUCCESS.json, replace results/ and errors/ (one rename each on local disk;
+on object stores, where a rename is a copy, the old files are deleted and the new ones
+moved one by one), and write _SUCCESS.json naming every committed file. A job killed at any
+point, even mid-commit, leaves no _SUCCESS.json unless its output is complete, so readers
+that require it (read_output, evaluate) never read a partial output; a rerun with the same
+out deletes the dead run's staging folders and replaces the output, so it never holds
+duplicates.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from ray.data import Datasink
 from cvae import fs as cfs
 from cvae.config import ConfigError
 from cvae.errors import OutputLocationError
+from cvae.lease import OutputLease
 from cvae.localray import init_ray
 from cvae.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
 
@@ -142,20 +150,38 @@ def _exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _has_rename(fs: pafs.FileSystem) -> bool:
+    """Whether moving a folder is one rename (local disk, HDFS); object stores (S3, GCS)
+    have no folder rename, and a file's move is a copy and a delete."""
+    return fs.type_name in ("local", "hdfs")
+
+
+def _move_file(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    fs.move(src, dst)
+
+
 def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
-    """Move a folder: one rename where the filesystem has one (local, HDFS), else file by
-    file (object stores such as S3 and GCS have no folder rename)."""
+    """Move a folder: one rename where the filesystem has one, else file by file."""
     parent = dst.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
-    try:
+    if _has_rename(fs):
         fs.move(src, dst)
         return
-    except (OSError, NotImplementedError, pa.ArrowNotImplementedError):
-        pass
     fs.create_dir(dst, recursive=True)
     for info in _children(fs, src):
-        fs.move(info.path, f"{dst}/{info.base_name}")
+        _move_file(fs, info.path, f"{dst}/{info.base_name}")
     fs.delete_dir(src)
+
+
+def _remove_dir(fs: pafs.FileSystem, path: str, aside: str) -> None:
+    """Take a committed folder out of the way: renamed to `aside` (deleted with the staging
+    folder) where that is one rename, else deleted (on an object store moving it aside
+    would copy every file only to delete it)."""
+    if _has_rename(fs):
+        fs.create_dir(aside.rsplit("/", 1)[0], recursive=True)
+        fs.move(path, aside)
+    else:
+        fs.delete_dir(path)
 
 
 class AtomicParquetSink(Datasink):
@@ -166,19 +192,26 @@ class AtomicParquetSink(Datasink):
     """
 
     def __init__(self, out_dir: str | Path, run_id: str | None = None, about: dict | None = None,
-                 started: float | None = None):
+                 started: float | None = None, lease: OutputLease | None = None):
         """`about`: fields the summary (_SUCCESS.json) carries besides the row counts;
-        `started`: the job's start time, for its `seconds`."""
+        `started`: the job's start time, for its `seconds`; `lease`: the job's lease on the
+        folder (cvae.lease), checked before the commit. Without one, the caller guarantees
+        that no other job writes into the folder."""
         self.fs, self.out = cfs.resolve(out_dir)
         self.out = self.out.rstrip("/")
         self.staging = f"{self.out}/{STAGING_PREFIX}{run_id or uuid.uuid4().hex}"
-        self.about, self.started = dict(about or {}), started
+        self.about, self.started, self.lease = dict(about or {}), started, lease
         self.summary: dict = {}
+
+    def __getstate__(self) -> dict:
+        # Write tasks get a copy of the sink; the lease (a heartbeat thread) stays in the driver.
+        return {**self.__dict__, "lease": None}
 
     def on_write_start(self, schema=None) -> None:
         self.fs.create_dir(self.out, recursive=True)
-        for stale in _children(self.fs, self.out):  # left by a killed run
-            if stale.base_name.startswith(STAGING_PREFIX) and stale.type == pafs.FileType.Directory:
+        for stale in _children(self.fs, self.out):  # left by a killed run (the lease keeps live ones out)
+            if (stale.base_name.startswith(STAGING_PREFIX) and stale.type == pafs.FileType.Directory
+                    and stale.path.rstrip("/") != self.staging):
                 self.fs.delete_dir(stale.path)
         self.fs.create_dir(f"{self.staging}/results", recursive=True)
         self.fs.create_dir(f"{self.staging}/errors", recursive=True)
@@ -206,12 +239,21 @@ class AtomicParquetSink(Datasink):
         return written
 
     def on_write_complete(self, write_result) -> None:
+        if self.lease is not None:
+            self.lease.check()  # another job took the folder over: its output, not ours
         reported = [item for returned in write_result.write_returns for item in (returned or [])]
         keep = {name for name, _ in reported}
+        staged = set()
         for folder in ("results", "errors"):
             for f in _children(self.fs, f"{self.staging}/{folder}"):
                 if f"{folder}/{f.base_name}" not in keep:  # a killed or retried task's leftovers
                     self.fs.delete_file(f.path)
+                else:
+                    staged.add(f"{folder}/{f.base_name}")
+        if keep - staged:
+            raise OutputLocationError(
+                f"output {self.about.get('out', self.out)}: {len(keep - staged)} file(s) written by this job are "
+                f"missing from {self.staging} (deleted by another job writing into the folder?); not committing")
         counts = {"results": 0, "errors": 0}
         for name, rows in reported:
             counts[name.split("/")[0]] += rows
@@ -221,7 +263,9 @@ class AtomicParquetSink(Datasink):
                         **self.about}
         if self.started is not None:
             self.summary["seconds"] = round(time.time() - self.started, 3)
-        commit(self.fs, self.staging, self.out, self.summary)
+        committed = {folder: sorted(n.split("/", 1)[1] for n in keep if n.startswith(f"{folder}/"))
+                     for folder in ("results", "errors")}
+        commit(self.fs, self.staging, self.out, {**self.summary, "committed": committed})
 
     def on_write_failed(self, error: Exception) -> None:
         try:
@@ -239,13 +283,17 @@ def write_marker(fs: pafs.FileSystem, out: str, summary: dict) -> None:
 
 
 def commit(fs: pafs.FileSystem, staging: str, out: str, summary: dict) -> None:
-    """Swap staging/{errors,results} into out, then write _SUCCESS.json last."""
+    """Replace out/{errors,results} by staging/{errors,results}, then write _SUCCESS.json last.
+
+    `summary` (the marker's content) lists the committed files under "committed". Killed
+    anywhere in here, the job leaves no _SUCCESS.json: readers refuse the folder until a
+    rerun commits it again whole (its start deletes this run's staging folder)."""
     marker = f"{out}/{SUCCESS}"
     if _exists(fs, marker):
         fs.delete_file(marker)  # from here until the end, the output is not complete
     for folder in ("errors", "results"):
         if _exists(fs, f"{out}/{folder}"):
-            _move_dir(fs, f"{out}/{folder}", f"{staging}/old/{folder}")
+            _remove_dir(fs, f"{out}/{folder}", f"{staging}/old/{folder}")
         _move_dir(fs, f"{staging}/{folder}", f"{out}/{folder}")
     write_marker(fs, out, summary)
     fs.delete_dir(staging)
@@ -254,7 +302,8 @@ def commit(fs: pafs.FileSystem, staging: str, out: str, summary: dict) -> None:
 def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir: str | Path,
                   actors: int = 2, batch_size: int = 1024, gpus_per_actor: float = 0.0,
                   cpus_per_actor: float = 1.0, max_samples: int = 64,
-                  ray_address: str | None = None, num_cpus: int | None = None) -> dict:
+                  ray_address: str | None = None, num_cpus: int | None = None,
+                  lease_timeout: float | None = None) -> dict:
     """Answer every query of a Parquet file or folder into out_dir (see the module docstring).
 
     Each of the three locations may be a local path or a pyarrow filesystem URI; the
@@ -263,9 +312,11 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     (CheckpointError), the queries checked (QuerySchemaError) and the output location
     created and written to (OutputLocationError). Then uses the running Ray, else connects
     to `ray_address` (or starts a local Ray with `num_cpus`). Bad rows go to out_dir/errors.
-    """
-    import ray
 
+    While it runs the job holds the output folder's lease (cvae.lease; stale after
+    `lease_timeout` seconds without a heartbeat, default 60 or $CVAE_LEASE_TIMEOUT_S): a
+    second job into the same folder raises OutputBusyError before any Ray work.
+    """
     from cvae.checkpoint import check_checkpoint, resolve_checkpoint
 
     started = time.time()
@@ -277,13 +328,27 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     cfs.check_writable(out_dir)  # /proc/x or a read-only bucket fails here, not after the actors
     # Actors may run on other nodes: give them an absolute path (or the URI as is).
     checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
+    run_id = uuid.uuid4().hex
     try:
         # on_write_complete runs here in the driver, so the sink's summary is the job's.
-        sink = AtomicParquetSink(out_dir, about={"queries": rows, "duplicate_ids": len(duplicates)},
-                                 started=started)
+        lease = OutputLease(out_dir, run_id, timeout_s=lease_timeout, what="query job")
+        sink = AtomicParquetSink(out_dir, run_id=run_id, about={"queries": rows, "duplicate_ids": len(duplicates)},
+                                 started=started, lease=lease)
         sink.about["out"] = str(out_dir) if cfs.is_uri(out_dir) else sink.out
     except ValueError as exc:
         raise OutputLocationError(f"output {out_dir}: {exc}") from None
+    with lease:  # OutputBusyError while another live job writes into out_dir
+        _run(sink, checkpoint, files, fs, duplicates, actors, batch_size, gpus_per_actor, cpus_per_actor,
+             max_samples, ray_address, num_cpus)
+    return sink.summary
+
+
+def _run(sink: AtomicParquetSink, checkpoint: str, files: list[str], fs: pafs.FileSystem, duplicates: frozenset,
+         actors: int, batch_size: int, gpus_per_actor: float, cpus_per_actor: float, max_samples: int,
+         ray_address: str | None, num_cpus: int | None) -> None:
+    """The Ray part of run_query_job: the read -> actor pool -> sink pipeline."""
+    import ray
+
     # The actors must leave a CPU for Ray Data's read and write tasks: with every CPU held
     # by an idle actor waiting for input, the job would wait forever.
     needed = actors * cpus_per_actor + 1
@@ -311,19 +376,30 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
         num_cpus=cpus_per_actor,
     )
     ds.write_datasink(sink)
-    return sink.summary
 
 
 def read_output(out_dir: str | Path) -> tuple[pa.Table, pa.Table]:
-    """(results, errors) of a committed run (path or URI); refuses an output without _SUCCESS.json."""
+    """(results, errors) of a committed run (path or URI); refuses an output without _SUCCESS.json.
+
+    Reads exactly the files _SUCCESS.json lists (every Parquet file of the folders for a
+    marker written before it listed them), and refuses an output missing one of them."""
     fs, out = cfs.resolve(out_dir)
     out = out.rstrip("/")
-    if fs.get_file_info(f"{out}/{SUCCESS}").type != pafs.FileType.File:
+    marker = f"{out}/{SUCCESS}"
+    if fs.get_file_info(marker).type != pafs.FileType.File:
         raise FileNotFoundError(f"{out_dir}: no committed output ({SUCCESS} missing)")
+    with fs.open_input_stream(marker) as fh:
+        committed = (json.loads(fh.read() or b"{}") or {}).get("committed")
 
     def read(folder, schema):
-        files = sorted(f.path for f in _children(fs, f"{out}/{folder}")
-                       if f.base_name.endswith(".parquet") and f.type == pafs.FileType.File)
+        if committed is None:
+            files = sorted(f.path for f in _children(fs, f"{out}/{folder}")
+                           if f.base_name.endswith(".parquet") and f.type == pafs.FileType.File)
+        else:
+            files = [f"{out}/{folder}/{name}" for name in committed.get(folder, [])]
+            missing = [f for f, info in zip(files, fs.get_file_info(files)) if info.type != pafs.FileType.File]
+            if missing:
+                raise FileNotFoundError(f"{out_dir}: {len(missing)} committed file(s) missing, e.g. {missing[0]}")
         tables = [pq.read_table(f, schema=schema, filesystem=fs) for f in files]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 

@@ -8,3 +8,8 @@ class DataError(ValueError):
 class OutputLocationError(ValueError):
     """An output path or URI that cannot be opened, created or written (unknown scheme, bad
     bucket, no access, a read-only or virtual filesystem such as /proc)."""
+
+
+class OutputBusyError(OutputLocationError):
+    """An output folder another live job holds the lease on (cvae.lease): two writers into one
+    folder would delete each other's staged files."""

@@ -5,7 +5,7 @@ Jobs read and write through three helpers:
 - `staged(path)` yields a local copy of a file or directory (HDF5 shards, a checkpoint)
   for libraries that need a local file, and removes the copy afterwards;
 - `local_output(path)` yields a local directory to write into and, for a URI, uploads it
-  when the block finishes without error.
+  when the block finishes without error, completion markers (MARKERS) last.
 `check_writable(path)` lets a job refuse an output location it cannot write before it
 starts any work.
 A plain local path is used in place: nothing is copied.
@@ -160,13 +160,42 @@ def staged(path: str | Path, only: list[str] | None = None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Files whose presence tells readers that a folder is complete (a dataset's manifest, the
+# query engine's and the evaluation's markers, a query set's summary).
+MARKERS = ("manifest.json", "_SUCCESS.json", "_summary.json", "report.json")
+
+
+def _upload_markers_last(local: Path, dest: str | Path) -> None:
+    """Upload the folder `local` (ours to change) to `dest`: first delete the markers already
+    at `dest`, then upload everything else, then the markers. On object storage an upload is
+    many PUTs; a job killed in the middle, or a reader looking meanwhile, never finds a marker
+    beside files it does not vouch for."""
+    markers = [name for name in MARKERS if (local / name).is_file()]
+    if not markers:
+        upload(local, dest)
+        return
+    held = Path(tempfile.mkdtemp(prefix="cvae-markers-"))
+    try:
+        for name in markers:
+            os.replace(local / name, held / name)
+            filesystem, p = resolve(join(dest, name))
+            if filesystem.get_file_info(p).type == pafs.FileType.File:
+                filesystem.delete_file(p)
+        upload(local, dest)
+        for name in markers:
+            upload(held / name, join(dest, name))
+    finally:
+        shutil.rmtree(held, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def local_output(path: str | Path) -> Iterator[Path]:
     """Yield a local directory to write outputs into; a URI is uploaded on success.
 
     A plain local path is created and yielded as is. For a URI the outputs are written to a
     temporary directory and copied to the URI only if the block finishes without error, so
-    a failed job leaves nothing half-written behind at the destination.
+    a failed job leaves nothing half-written behind at the destination; completion markers
+    (MARKERS) go last, after any older marker there was deleted.
     """
     if not is_uri(path):
         local = Path(path)
@@ -177,6 +206,6 @@ def local_output(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix="cvae-out-"))
     try:
         yield tmp
-        upload(tmp, path)
+        _upload_markers_last(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

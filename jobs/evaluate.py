@@ -23,6 +23,7 @@ import time
 
 from cvae import fs
 from cvae.evaluate import EvaluationError, evaluate, headline
+from cvae.logs import add_level_option, configure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--composition-samples", type=int, default=256,
                         help="factual images encoded and decoded for the model's composition")
     parser.add_argument("--max-samples", type=int, default=64)
+    add_level_option(parser)
     args = parser.parse_args(argv)
+    configure(args.log_level)
     if min(args.figures_per_factor, args.reversibility_samples, args.composition_samples) < 0 \
             or args.max_samples < 1:
         parser.error("--figures-per-factor, --reversibility-samples and --composition-samples "

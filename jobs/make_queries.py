@@ -19,6 +19,7 @@ import sys
 
 from cvae import fs
 from cvae.errors import OutputLocationError
+from cvae.logs import add_level_option, configure
 from cvae.make_queries import SpecError, load_spec, make_queries
 
 
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="YAML spec (path or URI)")
     parser.add_argument("--out", required=True, help="output folder (path or URI)")
     parser.add_argument("--data", default=None, help="sharded dataset, for sources: {split: ...}")
+    add_level_option(parser)
     args = parser.parse_args(argv)
+    configure(args.log_level)
     try:
         spec = load_spec(args.spec)
         fs.check_writable(args.out)  # an unwritable --out fails now, before any work

@@ -17,7 +17,7 @@ import sys
 from cvae.checkpoint import CheckpointError
 from cvae.config import ConfigError, load_config
 from cvae.errors import DataError, OutputLocationError
-from cvae.logs import LEVELS, configure
+from cvae.logs import add_level_option, configure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         choices=("data", "train", "queries", "answers", "evaluate", "all"),
                         help="redo this stage even if it is finished (repeatable; 'all' for every stage)")
-    parser.add_argument("--log-level", default="INFO", choices=LEVELS,
-                        help="progress and stage messages on stderr (default INFO); the summary goes to stdout")
+    add_level_option(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)
     try:

@@ -1,7 +1,7 @@
 """Write dSprites as sharded HDF5: `python -m jobs.prepare_data --config CONFIG [--out DIR]`.
 
 The data go to DIR (default: <config.out>/data), a local path or a URI (file://, s3://,
-gs://): manifest.json plus the shards.
+gs://): manifest.json plus the shards. CONFIG may be a path or a URI too.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import time
 
 from cvae import fs
 from cvae.config import ConfigError, load_config
-from cvae.errors import DataError
+from cvae.errors import DataError, OutputLocationError
+from cvae.logs import add_level_option, configure
 from cvae.shards import write_dataset
 
 
@@ -20,10 +21,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--out", help="data directory (default: <config.out>/data)")
+    add_level_option(parser)
     args = parser.parse_args(argv)
+    configure(args.log_level)
     try:
         config = load_config(args.config)
         out = args.out or fs.join(config.out, "data")
+        fs.check_writable(out)  # an unwritable --out (or a missing bucket) fails now, before any work
         print(f"prepare_data: {config.data.generator} -> {out}", flush=True)
         start = time.perf_counter()
 
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         # A URI is written locally first and uploaded once complete (manifest last).
         with fs.local_output(out) as local:
             manifest = write_dataset(config, local, progress=progress)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, OutputLocationError) as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start

@@ -24,6 +24,8 @@ import argparse
 import json
 import sys
 
+from cvae.logs import add_level_option, configure
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__,
@@ -38,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor")
     parser.add_argument("--address", help="Ray address (default: the config's ray_address, else local)")
+    add_level_option(parser)
     args = parser.parse_args(argv)
+    configure(args.log_level)
 
     from cvae import fs
     from cvae.errors import OutputLocationError

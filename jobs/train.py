@@ -4,17 +4,20 @@
 
 Defaults: data from <config.out>/data, checkpoints and metrics into <config.out>/train.
 Running again with the same run name (default: the config's name) and output folder
-continues from the latest checkpoint.
+continues from the latest checkpoint. --config, --data and --out may be local paths or
+pyarrow-filesystem URIs (file://, s3://, gs://); a URI output needs Ray Train workers
+(train.num_workers >= 1), which write the checkpoints there.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from cvae import fs
 from cvae.checkpoint import CheckpointError
 from cvae.config import ConfigError, load_config
-from cvae.errors import DataError
+from cvae.errors import DataError, OutputLocationError
+from cvae.logs import add_level_option, configure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,19 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="dataset folder written by jobs.prepare_data")
     parser.add_argument("--out", help="output folder for checkpoints, metrics and figures")
     parser.add_argument("--run-name", help="Ray Train run name; reuse it to resume")
+    add_level_option(parser)
     args = parser.parse_args(argv)
+    configure(args.log_level)
 
     try:
         config = load_config(args.config)
-        data = Path(args.data or Path(config.out) / "data")
-        out = Path(args.out or Path(config.out) / "train")
-        if not (data / "manifest.json").is_file():
-            raise ConfigError(f"no dataset at {data}: {data / 'manifest.json'} is missing "
+        # Strings, not Paths: Path("s3://bucket/x") is "s3:/bucket/x".
+        data = args.data or fs.join(config.out, "data")
+        out = args.out or fs.join(config.out, "train")
+        manifest = fs.join(data, "manifest.json")
+        try:
+            found = fs.exists(manifest)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"no dataset at {data}: cannot read {manifest}: {exc}") from None
+        if not found:
+            raise ConfigError(f"no dataset at {data}: {manifest} is missing "
                               f"(write one with python -m jobs.prepare_data)")
+        fs.check_writable(out)  # an unwritable --out fails now, before Ray starts
         from cvae.train import run_training
 
         result = run_training(config, data, out, run_name=args.run_name)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, DataError, OutputLocationError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -97,3 +97,23 @@ def test_upload_copy_and_read(tmp_path, tree):
         fs.upload(tmp_path / "nope", f"file://{tmp_path}/x")
     fs.copy_to_local(f"file://{tree}", tmp_path / "back")
     assert _files(tmp_path / "back") == _files(tree)
+
+
+def test_local_output_uploads_completion_markers_last(tmp_path, monkeypatch):
+    """On object storage an upload is many PUTs: an older manifest goes first, the new one last."""
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / "manifest.json").write_text("old")
+    events, real_upload = [], fs.upload
+
+    def upload(local, where):
+        events.append(("upload", Path(local).name, (dest / "manifest.json").exists()))
+        return real_upload(local, where)
+
+    monkeypatch.setattr(fs, "upload", upload)
+    with fs.local_output(f"file://{dest}") as local:
+        (local / "shard-0.h5").write_bytes(b"x")
+        (local / "manifest.json").write_text("new")
+    # The folder went up while no manifest was there; the new manifest alone, after it.
+    assert events[0][2] is False and events[-1][:2] == ("upload", "manifest.json")
+    assert _files(dest) == {"manifest.json": b"new", "shard-0.h5": b"x"}
