@@ -30,6 +30,12 @@ def configure(level: str = "INFO") -> None:
         logger.setLevel(level)  # (records still reach the root logger: none is set up in a job)
 
 
+def add_level_option(parser) -> None:
+    """The jobs' `--log-level` option (call `configure(args.log_level)` after parsing)."""
+    parser.add_argument("--log-level", default="INFO", choices=LEVELS,
+                        help="messages and progress on stderr (default INFO); results go to stdout")
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record is emitted (it may be replaced)."""
 
