@@ -1,7 +1,7 @@
 """Counterfactual queries per second against this machine's compute roof, and peak memory.
 
     python -m benchmarks.bench_query [--arch sprite] [--queries 20000] [--layouts 2x1,1x2]
-                                     [--memory 100000,1000000]
+                                     [--memory 100000,1000000] [--object-store-mb 256]
 
 Speed: the model of --arch (default sprite, the configs' default; mlp is the notebook's,
 z 50, hidden 1000), one sample per counterfactual query, a randomly initialised
@@ -25,6 +25,8 @@ size (PSS) of the driver and every process it started (Ray's raylet, GCS, actors
 sampled every 0.2 s, with each role's share at the peak. PSS divides shared pages (the
 object store, mapped by every worker that touches a block) among their sharers; summed
 VmRSS would count them once per process and grow with how many workers touched blocks.
+With --object-store-mb, Ray starts with an object store that small: blocks that do not fit
+spill to disk (the run prints Ray's spill and restore totals), and memory must stay bounded.
 """
 from __future__ import annotations
 
@@ -180,6 +182,7 @@ def main() -> None:
     parser.add_argument("--layouts", default="2x1,1x2", help="end-to-end layouts ACTORSxCPUS_PER_ACTOR")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--memory", default="100000,1000000", help="query counts for the memory figure ('' skips)")
+    parser.add_argument("--object-store-mb", type=int, help="Ray's object store size (default: Ray's, 30%% of RAM)")
     args = parser.parse_args()
     import ray
 
@@ -214,7 +217,9 @@ def main() -> None:
     assert errors.num_rows == 0 and results.num_rows == args.in_process
 
     # Two logical CPUs beyond the cores: the read and write tasks are light; the actors compute.
-    ray.init(num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False)
+    store = {"object_store_memory": args.object_store_mb * 2**20} if args.object_store_mb else {}
+    ray.init(num_cpus=os.cpu_count() + 2, include_dashboard=False, log_to_driver=False, **store)
+    print(f"object store: {ray.available_resources()['object_store_memory'] / 2**20:.0f} MiB", flush=True)
     for n in (args.small, args.queries):
         write_queries(work / f"q{n}.parquet", n, row_group=args.batch_size)
     run_query_job(ckpt, work / f"q{args.small}.parquet", work / "warm", actors=1, batch_size=args.batch_size)
@@ -251,6 +256,13 @@ def main() -> None:
         print(f"memory: {n} queries: peak PSS (driver + Ray processes) {mem.peak / 2**30:.2f} GiB, "
               f"{time.perf_counter() - start:.0f} s; at the peak: "
               + ", ".join(f"{role} {used / 2**20:.0f} MiB" for role, used in shares), flush=True)
+    if args.memory:
+        from ray._private.internal_api import memory_summary
+
+        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        spill = [line.strip() for line in summary.splitlines()
+                 if "Spilled" in line or "Restored" in line]
+        print("object store: " + ("; ".join(spill) or "nothing spilled"), flush=True)
     print(json.dumps(figures, indent=2))
 
 

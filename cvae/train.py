@@ -76,10 +76,28 @@ def train_func(loop_config: dict) -> None:
     data_dir = loop_config["data_dir"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    files = rank_files(loop_config["manifest"], rank, world)
+    loop_config = {**loop_config, "placement": placement(rank, files, staged=fs.is_uri(data_dir))}
     if not fs.is_uri(data_dir):
         return _train_loop(loop_config, data_dir, rank, world)
-    with fs.staged(data_dir, only=rank_files(loop_config["manifest"], rank, world)) as local:
+    with fs.staged(data_dir, only=files) as local:
         return _train_loop(loop_config, str(local), rank, world)
+
+
+def placement(rank: int, files: list[str], staged: bool) -> list[dict]:
+    """Where every rank runs and which files it reads (staged: copied from a URI to its
+    node's disk), gathered from all ranks: each checkpoint records it, so a run on a
+    cluster shows which worker ran on which node with which shards."""
+    import ray
+    import torch.distributed as dist
+
+    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "files": files, "staged": staged}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
 
 
 def rank_files(manifest: dict, rank: int, world: int) -> list[str]:
@@ -136,7 +154,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
             "train_images": train_rows, "seconds": round(seconds, 3),
             "images_per_s": round(train_rows / seconds, 1),
             "images_per_s_per_worker": round(train_rows / seconds / world, 1),
-            "workers": world,
+            "workers": world, "nodes": len({p["node_id"] for p in loop_config["placement"]}),
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             for split in EVAL_SPLITS:
@@ -257,6 +275,7 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
     meta = {
         "config": loop_config["config"], "manifest": loop_config["manifest"],
         "scm": loop_config["scm"], "epoch": epoch, "attempt": record["attempt"],
+        "placement": loop_config["placement"],
         "metrics": _json_safe(record), "history": _json_safe(history),
     }
     if loop_config["local_mode"]:

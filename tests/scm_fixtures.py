@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from cvae.checkpoint import save_checkpoint
 from cvae.config import Config
 from cvae.grid import FACTOR_SIZES
 from cvae.model import SupervisedVAE
+from cvae.queries import QUERY_SCHEMA
 from cvae.render import RENDERER_VERSION
 from cvae.scm import FactorSCM
 
@@ -45,3 +47,23 @@ def make_checkpoint(directory, factors: FactorSCM | None = None, seed: int = 0) 
 
 def sizes(f: str) -> int:
     return FACTOR_SIZES[f]
+
+
+def queries(n: int, seed: int = 0, bad_every: int = 0, samples: int = 2) -> pa.Table:
+    """n queries of all three kinds (causal SCM), every `bad_every`-th one broken."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        kind = ["condition", "intervene", "counterfactual"][i % 3]
+        row = {"query_id": f"q{i:06d}", "kind": kind, "num_samples": int(rng.integers(1, samples + 1))}
+        if kind == "condition":
+            row["given_pos_y"] = int(rng.integers(0, 32))
+        elif kind == "intervene":
+            row["do_scale"] = int(rng.integers(0, 6))
+        else:
+            row["source_index"] = int(rng.integers(0, 737280))
+            row["do_shape"] = int(rng.integers(0, 3))
+        if bad_every and i % bad_every == 0:
+            row["num_samples"] = -1
+        rows.append({name: row.get(name) for name in QUERY_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA)

@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from raynodes import RayNodes, kill_marked, listening, pids_with_marker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -34,130 +30,16 @@ JOB = ("jobs.pipeline", "pipeline")
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (held open together, so no repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _worker_port_range(taken: list[int], size: int = 200) -> int:
-    """The first port of `size` + 1 worker ports that holds none of `taken`: the kernel's
-    free ports may fall anywhere, and Ray refuses a component port inside the range."""
-    for start in [p + 1 for p in sorted(taken)] + [20000]:
-        end = start + size
-        if end <= 65535 and not any(start <= p <= end for p in taken):
-            return start
-    raise RuntimeError(f"no {size + 1}-port range free of {taken}")
-
-
-def _pids_with_marker(marker: bytes) -> list[int]:
-    """Processes whose environment holds `marker` (inherited by every process Ray starts)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in env:
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_marked(marker: bytes) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-        for pid in _pids_with_marker(marker):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while _pids_with_marker(marker) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-
-def _listening(pids: list[int]) -> list[tuple[str, int]]:
-    """(address, port) of the TCP sockets these processes listen on, from /proc/net/tcp{,6}."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    out = []
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A: LISTEN
-                continue
-            hex_ip, hex_port = local.split(":")
-            raw = bytes.fromhex(hex_ip)
-            if v6:  # four little-endian 32-bit words
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                addr = socket.inet_ntop(socket.AF_INET6, raw)
-            else:
-                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
-            out.append((addr, int(hex_port, 16)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def token_head():
     """A Ray head with RAY_AUTH_MODE=token on 127.0.0.1; yields its details, always stopped."""
-    # Ray puts unix sockets under its temp dir: keep the path short (sun_path is 108 bytes).
-    root = Path(tempfile.mkdtemp(prefix="cvae-head-", dir="/tmp"))
-    home = root / "home"
-    home.mkdir(parents=True)
-    token = secrets.token_hex(32)
-    marker = f"CVAE_TEST_HEAD={root.name}"
-    ports = _free_ports(9)
-    (gcs, dashboard, client, nm, om, agent, agent_grpc, rt_env, metrics) = ports
-    wmin = _worker_port_range(ports)
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        # On Linux Ray replaces --node-ip-address=127.0.0.1 by the machine's own address
-        # (services.resolve_ip_for_localhost) unless clusters of several machines are off;
-        # with this set every port of the head binds to loopback, as on a laptop.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "CVAE_TEST_HEAD": root.name,
-    }
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
-        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--node-manager-port={nm}", f"--object-manager-port={om}",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-        f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 200}",
-        "--num-cpus=2", f"--temp-dir={root / 'ray'}", "--disable-usage-stats",
-    ]
-    info = {"root": root, "token": token, "address": f"http://127.0.0.1:{dashboard}",
-            "marker": marker.encode(), "home": home}
+    nodes = RayNodes()
     try:
-        started = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        yield info
+        nodes.start_head(num_cpus=2)
+        yield {"root": nodes.root, "token": nodes.token, "address": nodes.address,
+               "marker": nodes.marker("head"), "home": nodes.home}
     finally:
-        _kill_marked(marker.encode())
-        leftover = _pids_with_marker(marker.encode())
-        shutil.rmtree(root, ignore_errors=True)
+        leftover = nodes.stop()
         assert not leftover, f"the test head's processes did not stop: {leftover}"
 
 
@@ -191,9 +73,9 @@ def test_token_auth_head_runs_a_job_and_refuses_others(token_head, tmp_path):
     address, token = token_head["address"], token_head["token"]
 
     # Every port the head's processes listen on is on loopback.
-    listening = _listening(_pids_with_marker(token_head["marker"]))
-    assert listening, "found no listening sockets for the head"
-    exposed = [(a, p) for a, p in listening if a not in LOOPBACK]
+    sockets = listening(pids_with_marker(token_head["marker"]))
+    assert sockets, "found no listening sockets for the head"
+    exposed = [(a, p) for a, p in sockets if a not in LOOPBACK]
     assert not exposed, f"ports open beyond loopback: {exposed}"
 
     # Without a token the Jobs API answers 401, with a wrong one 403; nothing is submitted.
@@ -245,7 +127,7 @@ import json, os, sys
 import ray.data  # imported first, as a job's modules do
 from cvae.localray import init_ray
 from ray._private.authentication.authentication_utils import is_token_auth_enabled
-from test_cluster import _listening, _pids_with_marker
+from raynodes import listening, pids_with_marker
 import ray
 
 from cvae.localray import NO_DASHBOARD_LOGGERS
@@ -255,9 +137,9 @@ assert ray.get(ray.remote(lambda: 1).remote()) == 1
 # Worker processes ran the setup hook that silences "State API unavailable" loggers.
 levels = ray.get(ray.remote(lambda: [__import__("logging").getLogger(n).level
                                      for n in NO_DASHBOARD_LOGGERS]).remote())
-pids = _pids_with_marker(("CVAE_TEST_LOCAL=" + os.environ["CVAE_TEST_LOCAL"]).encode()) + [os.getpid()]
+pids = pids_with_marker(("CVAE_TEST_LOCAL=" + os.environ["CVAE_TEST_LOCAL"]).encode()) + [os.getpid()]
 print(json.dumps({"token": is_token_auth_enabled(), "gcs": ctx.address_info["gcs_address"],
-                  "listening": _listening(pids), "worker_log_levels": levels}), flush=True)
+                  "listening": listening(pids), "worker_log_levels": levels}), flush=True)
 sys.stdin.readline()  # hold the cluster until the test has tried to get in
 ray.shutdown()
 """
@@ -305,7 +187,7 @@ def test_local_ray_uses_token_auth_on_loopback_and_writes_no_token_file(tmp_path
                 driver.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 driver.kill()
-        _kill_marked(marker.encode())
+        kill_marked(marker.encode())
     assert not list(home.iterdir()), f"wrote into HOME: {list(home.rglob('*'))}"
 
 

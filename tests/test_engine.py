@@ -14,32 +14,12 @@ import pytest
 
 from cvae.config import ConfigError
 from cvae.engine import SUCCESS, read_output, run_query_job
-from cvae.queries import QUERY_SCHEMA, QuerySchemaError, answer_queries
+from cvae.queries import QuerySchemaError, answer_queries
 from cvae.scm import ImageSCM
-from scm_fixtures import causal_scm, make_checkpoint
+from scm_fixtures import causal_scm, make_checkpoint, queries
 
 KEY = [("query_id", "ascending"), ("sample", "ascending")]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def queries(n: int, seed: int = 0, bad_every: int = 0, samples: int = 2) -> pa.Table:
-    """n queries of all three kinds (causal SCM), every `bad_every`-th one broken."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        kind = ["condition", "intervene", "counterfactual"][i % 3]
-        row = {"query_id": f"q{i:06d}", "kind": kind, "num_samples": int(rng.integers(1, samples + 1))}
-        if kind == "condition":
-            row["given_pos_y"] = int(rng.integers(0, 32))
-        elif kind == "intervene":
-            row["do_scale"] = int(rng.integers(0, 6))
-        else:
-            row["source_index"] = int(rng.integers(0, 737280))
-            row["do_shape"] = int(rng.integers(0, 3))
-        if bad_every and i % bad_every == 0:
-            row["num_samples"] = -1
-        rows.append({name: row.get(name) for name in QUERY_SCHEMA.names})
-    return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA)
 
 
 @pytest.fixture(scope="module")

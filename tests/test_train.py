@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cvae.checkpoint import load_checkpoint
+from cvae.checkpoint import load_checkpoint, load_meta
 from cvae.config import load_config
 from cvae.model import SupervisedVAE
 from cvae.reader import load_split
-from cvae.shards import write_dataset
+from cvae.shards import split_shards, write_dataset
 from cvae.train import reconstruct, run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -130,6 +130,12 @@ def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
     assert all(r["train_images"] == train_rows for r in result.history)
     assert all(np.isfinite(r["test_loss"]) for r in result.history)
     check_checkpoint(result.latest_checkpoint, 2)
+    # The checkpoint records each rank's node and files: disjoint shards covering the train split.
+    placement = load_meta(result.latest_checkpoint)["placement"]
+    assert [p["rank"] for p in placement] == [0, 1] and all(p["node_id"] for p in placement)
+    train_files = {e["file"] for e in split_shards(json.loads((tiny_data / "manifest.json").read_text()), "train")}
+    shards = [set(p["files"]) & train_files for p in placement]
+    assert shards[0] and shards[1] and not shards[0] & shards[1] and shards[0] | shards[1] == train_files
 
     # A rerun with the same run name and storage path: Ray Train reloads its snapshot and
     # hands the latest checkpoint to the workers, which continue at epoch 3 with the
