@@ -180,6 +180,10 @@ class QueryConfig:
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ConfigError(f"{where}: resources per actor must be >= 0")
 
+    def job_settings(self) -> dict:
+        """The keyword arguments of cvae.engine.run_query_job, one per field (the names match)."""
+        return dataclasses.asdict(self)
+
 
 @dataclass
 class PipelineConfig:

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from cvae.checkpoint import CheckpointError, load_checkpoint, load_meta, load_optimizer_state, save_checkpoint
-from cvae.config import Config, ConfigError, config_from_dict
+from cvae.config import Config, ConfigError
 from cvae.model import SupervisedVAE
 
 EVAL_SPLITS = ("validation", "test", "holdout")  # evaluated every train.eval_every epochs
+PROGRESS_EVERY_S = 60.0  # rank 0's progress line inside an epoch, at most this often
 METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
 CURVE_PNG, RECON_PNG = "loss_curve.png", "reconstructions.png"
 
@@ -115,7 +116,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
 
     from cvae.reader import ShardReader
 
-    config = config_from_dict(loop_config["config"])
+    config: Config = loop_config["config"]
     train = config.train
     torch.set_num_threads(train.threads_per_worker)
     device = ray.train.torch.get_device()
@@ -137,6 +138,8 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
         model.train()
         started = time.perf_counter()
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        steps = len(readers["train"].batch_sizes())
+        progress = EpochProgress(epoch, train.epochs, min(steps, train.max_steps_per_epoch or steps), rank)
         for step, batch in enumerate(_capped(readers["train"].epoch(epoch), train.max_steps_per_epoch)):
             if step_hook is not None:
                 step_hook(epoch, step, rank, loop_config["run_dir"])
@@ -147,6 +150,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
             optimizer.step()
             total += loss.detach().double()
             count += len(x)
+            progress.update(step, count, total)
         seconds = time.perf_counter() - started
         train_loss, train_rows = _all_reduce_mean(total, count, device)
         record = {
@@ -273,7 +277,7 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
         _wait_until_committed()
         return
     meta = {
-        "config": loop_config["config"], "manifest": loop_config["manifest"],
+        "config": config.to_dict(), "manifest": loop_config["manifest"],
         "scm": loop_config["scm"], "epoch": epoch, "attempt": record["attempt"],
         "placement": loop_config["placement"],
         "metrics": _json_safe(record), "history": _json_safe(history),
@@ -314,6 +318,25 @@ def _wait_until_committed() -> None:
 
     ray.train.get_all_reported_checkpoints(
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+class EpochProgress:
+    """Rank 0's progress inside a long epoch (a full-grid epoch takes many minutes on CPU):
+    at most every PROGRESS_EVERY_S seconds, the share of the epoch's steps done, this
+    rank's running train loss and its images/s. The epoch's own line follows at its end."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, rank: int):
+        self.epoch, self.epochs, self.steps, self.on = epoch, epochs, steps, rank == 0 and steps > 0
+        self.started = self.last = time.perf_counter()
+
+    def update(self, step: int, images: int, total: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if not self.on or now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        print(f"epoch {self.epoch}/{self.epochs}: {100 * (step + 1) / self.steps:.0f}% "
+              f"({step + 1:,} of {self.steps:,} steps), train {float(total) / images:.2f} nats/image "
+              f"so far, {images / (now - self.started):.0f} img/s", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def _print_progress(record: dict, epochs: int) -> None:
@@ -426,7 +449,9 @@ def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_
         logging.getLogger(__name__).warning("%s: no validation split: the best checkpoint is chosen by test loss",
                                             data_dir)
     return {
-        "config": config.to_dict(), "data_dir": data_uri, "manifest": manifest,
+        # The typed Config itself crosses the Ray boundary (pickled), so workers get what
+        # the driver validated; checkpoints store its dict.
+        "config": config, "data_dir": data_uri, "manifest": manifest,
         "manifest_counts": counts, "scm": scm.to_dict(), "score": score, "out": out, "remote": remote,
         "local_mode": local_mode, "run_dir": fs.join(out, run_name), "run_name": run_name,
         # Per-epoch metrics and curve, refreshed by rank 0 (a local folder only).

@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         query.validate("flags")
         from cvae.engine import run_query_job
 
-        summary = run_query_job(args.checkpoint, args.queries, args.out, actors=query.actors,
-                                batch_size=query.batch_size, gpus_per_actor=query.gpus_per_actor,
-                                cpus_per_actor=query.cpus_per_actor, max_samples=query.max_samples,
+        summary = run_query_job(args.checkpoint, args.queries, args.out, **query.job_settings(),
                                 ray_address=args.address or config.ray_address, num_cpus=config.num_cpus)
     except (QuerySchemaError, CheckpointError, OutputLocationError, ConfigError, ScmError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -135,3 +135,17 @@ def test_overrides_are_validated_too(tmp_path):
         load_config(path, {"train.epochs": 0})
     with pytest.raises(ConfigError, match=r"override seed\.x: seed is not a section"):
         load_config(path, {"seed.x": 1})
+
+
+def test_query_settings_are_the_query_jobs_keyword_arguments():
+    """config.query crosses into run_query_job as one mapping (jobs.query and the pipeline):
+    a field the job does not take, or a renamed one, fails here, not in a user's run."""
+    import inspect
+
+    from cvae.config import QueryConfig
+    from cvae.engine import run_query_job
+
+    settings = QueryConfig(actors=3, batch_size=7).job_settings()
+    accepted = inspect.signature(run_query_job).parameters
+    assert settings["actors"] == 3 and settings["batch_size"] == 7
+    assert set(settings) <= set(accepted) and len(settings) == len(QueryConfig.__dataclass_fields__)

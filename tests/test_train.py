@@ -48,6 +48,16 @@ def check_checkpoint(path: str, epoch: int) -> SupervisedVAE:
     return model
 
 
+def test_long_epochs_show_progress_inside_the_epoch(tiny_data, tmp_path, monkeypatch, capfd):
+    from cvae import train as train_module
+
+    monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # a line after every step
+    run_training(tiny_config(num_workers=0, epochs=1, max_steps_per_epoch=4), tiny_data, tmp_path, run_name="p")
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 1/1: ")]
+    assert [line.split(" steps)")[0].split("(")[1] for line in lines] == [f"{k} of 4" for k in (1, 2, 3, 4)]
+    assert lines[-1].startswith("epoch 1/1: 100% (4 of 4 steps), train ") and "nats/image so far" in lines[-1]
+
+
 def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
     config = tiny_config(num_workers=0, epochs=3)
     result = run_training(config, tiny_data, tmp_path, run_name="local")
