@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +29,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks import bench_train
 from benchmarks.bench_query import checkpoint, counterfactual_queries
 from cvae.config import load_config
 from cvae.grid import factor_classes
 from cvae.images import encode_pngs
 from cvae.model import NUM_PIXELS, SupervisedVAE
 from cvae.queries import answer_queries
-from cvae.reader import ShardReader
 from cvae.scm import ImageSCM
 from cvae.shards import split_rows, write_dataset
 
@@ -95,16 +96,13 @@ def query_rates(arch: str, work: Path, n: int) -> dict:
 
 
 def reader_rate(work: Path) -> tuple[float, float]:
-    config = load_config(ROOT / "configs" / "bench.yaml")
+    """bench_train's reader figure over a whole epoch of the bench config's shards at batch
+    128 (written here), and the shard bytes per image."""
+    config = load_config(ROOT / "configs" / "bench.yaml", {"train.batch_size": 128, "train.shuffle_buffer": 4096})
     manifest = write_dataset(config, work / "data")
     shard_bytes = sum(e["bytes"] for e in manifest["shards"])
-    reader = ShardReader(work / "data", split="train", rank=0, world_size=1, batch_size=128, seed=0,
-                         shuffle_buffer=4096, verify=False)
-    rows, start = 0, time.perf_counter()
-    for batch in reader.epoch(1):
-        rows += len(batch.classes)
-    images = sum(manifest["counts"].values())
-    return rows / (time.perf_counter() - start), shard_bytes / images
+    return bench_train.reader_rate(config, work / "data", batches=sys.maxsize), shard_bytes / sum(
+        manifest["counts"].values())
 
 
 def main() -> None:

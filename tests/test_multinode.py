@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from raynodes import RayNodes, free_ports, process_title
+from raynodes import RayNodes, free_ports
 
 from cvae.checkpoint import load_meta
 from cvae.config import load_config
@@ -100,9 +100,7 @@ def run_job(nodes: RayNodes, args: list[str], kill_when=None, timeout: float = 6
         while job.poll() is None and time.monotonic() - started < timeout:
             victim = kill_when() if kill_when is not None and killed is None else None
             if victim is not None:
-                titles = [process_title(p)[:50] for p in nodes.pids(victim)]
                 nodes.kill(victim)
-                print(f"killing {victim}: {titles}; left: {nodes.pids(victim)}", flush=True)
                 killed = victim
                 print(f"killed node {victim} at {time.monotonic() - started:.1f} s", flush=True)
             time.sleep(0.2)
