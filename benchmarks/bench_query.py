@@ -38,18 +38,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cvae.checkpoint import save_checkpoint
-from cvae.config import Config
+from benchmarks.fixtures import checkpoint, counterfactual_queries
 from cvae.engine import run_query_job
 from cvae.model import NUM_PIXELS, SupervisedVAE
 from cvae.queries import answer_queries
-from cvae.render import RENDERER_VERSION
-from cvae.scm import FactorSCM, ImageSCM
+from cvae.scm import ImageSCM
 
 
 def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
@@ -72,30 +68,6 @@ def counterfactual_flops(model: SupervisedVAE, rows: int = 256) -> float:
         model.decode(loc, y)
         model.decode(loc, y)
     return counter.get_total_flops() / rows
-
-
-def checkpoint(directory: Path, z: int, h: int, arch: str = "mlp") -> str:
-    config = Config()
-    config.model.arch, config.model.z_dim, config.model.hidden = arch, z, h
-    torch.manual_seed(0)
-    save_checkpoint(directory, SupervisedVAE(arch, z, h),
-                    {"config": config.to_dict(),
-                     "manifest": {"generator": "render", "renderer": RENDERER_VERSION}, "epoch": 0,
-                     "metrics": {}, "scm": FactorSCM.uniform().to_dict()})
-    return str(directory)
-
-
-def counterfactual_queries(n: int, seed: int = 0, first_id: int = 0) -> pa.Table:
-    rng = np.random.default_rng(seed)
-    factor = rng.integers(0, 5, n)
-    columns = {"query_id": pa.array([f"q{i:08d}" for i in range(first_id, first_id + n)]),
-               "kind": pa.array(["counterfactual"] * n),
-               "source_index": pa.array(rng.integers(0, 737280, n))}
-    for j, (name, size) in enumerate((("shape", 3), ("scale", 6), ("orientation", 40), ("pos_x", 32), ("pos_y", 32))):
-        values = rng.integers(0, size, n)
-        columns[f"do_{name}"] = pa.array(values, mask=factor != j)
-    table = pa.table(columns)
-    return table
 
 
 def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_000) -> None:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks import bench_train
-from benchmarks.bench_query import checkpoint, counterfactual_queries
+from benchmarks.fixtures import checkpoint, counterfactual_queries
 from cvae.config import load_config
 from cvae.grid import factor_classes
 from cvae.images import encode_pngs

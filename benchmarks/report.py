@@ -5,6 +5,7 @@ benchmarks/RESULTS.md (machine, date, commit, every figure, each as its benchmar
     python -m benchmarks.report --quick          # smaller query and training runs (about 10 min)
     python -m benchmarks.report --with notebook  # also the notebook's SVI method side by side
                                                  # (needs the configs/bench-mlp.yaml checkpoint)
+    python -m benchmarks.report --with gpu       # also benchmarks/bench_gpu.py (on a GPU machine)
 
 Each benchmark runs as its own process, one after another (never two at once: their
 ratios are measured side by side inside each run, and two runs would share the cores).
@@ -62,6 +63,9 @@ STEPS = [
     Step("notebook", "the original notebook's SVI counterfactuals next to ours",
          ["-m", "benchmarks.bench_notebook", "--queries", "10", "--out", "benchmarks/results/report/notebook"],
          headline=r"^\| ours|^\| notebook|^- ", optional=True),
+    Step("gpu", "the GPU paths checked and timed, no Ray (on a machine with a GPU)",
+         ["-m", "benchmarks.bench_gpu"], ["-m", "benchmarks.bench_gpu", "--only", "checks,roof,queries"],
+         headline=r"^(device|  PASS|  FAIL|roof|  (mlp|conv|sprite) |  \d actor|  epoch 10)", optional=True),
 ]
 
 

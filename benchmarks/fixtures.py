@@ -1,0 +1,61 @@
+"""What the benchmarks answer queries with: an untrained checkpoint and query tables.
+
+Ray-free, so benchmarks that run where Ray is not installed (bench_gpu on a GPU machine)
+share them with the ones that start Ray. Speed does not depend on the weights, so an
+untrained checkpoint of the right shape is enough.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cvae.checkpoint import save_checkpoint
+from cvae.config import Config
+from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES
+from cvae.model import SupervisedVAE
+from cvae.render import RENDERER_VERSION
+from cvae.scm import FactorSCM
+
+
+def checkpoint(directory: Path, z: int, h: int, arch: str = "mlp") -> str:
+    """A randomly initialised (seed 0) checkpoint of `arch`, loadable by every job."""
+    config = Config()
+    config.model.arch, config.model.z_dim, config.model.hidden = arch, z, h
+    torch.manual_seed(0)
+    save_checkpoint(directory, SupervisedVAE(arch, z, h),
+                    {"config": config.to_dict(),
+                     "manifest": {"generator": "render", "renderer": RENDERER_VERSION}, "epoch": 0,
+                     "metrics": {}, "scm": FactorSCM.uniform().to_dict()})
+    return str(directory)
+
+
+def counterfactual_queries(n: int, seed: int = 0, first_id: int = 0) -> pa.Table:
+    """n counterfactuals from random sources, each intervening on one random factor."""
+    rng = np.random.default_rng(seed)
+    factor = rng.integers(0, len(FACTORS), n)
+    columns = {"query_id": pa.array([f"q{i:08d}" for i in range(first_id, first_id + n)]),
+               "kind": pa.array(["counterfactual"] * n),
+               "source_index": pa.array(rng.integers(0, NUM_IMAGES, n))}
+    for j, name in enumerate(FACTORS):
+        columns[f"do_{name}"] = pa.array(rng.integers(0, FACTOR_SIZES[name], n), mask=factor != j)
+    return pa.table(columns)
+
+
+def mixed_queries(n: int, seed: int = 0) -> pa.Table:
+    """n rows of every kind in turn: a counterfactual, an intervention and a conditioning
+    query (two samples each for the last two), each on one random factor."""
+    rng = np.random.default_rng(seed)
+    kinds = np.array(["counterfactual", "intervene", "condition"])[np.arange(n) % 3]
+    factor = rng.integers(0, len(FACTORS), n)
+    columns = {"query_id": pa.array([f"m{i:08d}" for i in range(n)]),
+               "kind": pa.array(kinds),
+               "source_index": pa.array(rng.integers(0, NUM_IMAGES, n), mask=kinds != "counterfactual"),
+               "num_samples": pa.array(np.where(kinds == "counterfactual", 1, 2))}
+    for j, name in enumerate(FACTORS):
+        values = rng.integers(0, FACTOR_SIZES[name], n)
+        columns[f"do_{name}"] = pa.array(values, mask=(factor != j) | (kinds == "condition"))
+        columns[f"given_{name}"] = pa.array(values, mask=(factor != j) | (kinds != "condition"))
+    return pa.table(columns)
