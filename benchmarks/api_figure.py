@@ -1,4 +1,4 @@
-"""The picture of docs/api.md: the notebook API (cvae.api) on a trained checkpoint.
+"""The picture of docs/api.md: the notebook API (cvae.serve.api) on a trained checkpoint.
 
     python -m benchmarks.api_figure --checkpoint runs/local/train --out docs/api.png
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from cvae import CausalModel, Value
-from cvae.grid import FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
+from cvae.data.grid import FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
 
 # ellipse, scale 3, orientation 0, pos_x 10, pos_y 20: on the reduced training grids too
 SOURCE = int(classes_to_index(np.array([[1, 3, 0, 10, 20]]))[0])

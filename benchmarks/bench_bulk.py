@@ -31,7 +31,7 @@ SETS = {
 
 CHILD = """
 import json, resource, sys, time
-from cvae.make_queries import make_queries
+from cvae.serve.make_queries import make_queries
 spec, out = json.loads(sys.argv[1]), sys.argv[2]
 start = time.perf_counter()
 summary = make_queries(spec, out)
@@ -60,16 +60,16 @@ def bench_evaluation(n: int, tmp: Path) -> None:
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from cvae.checkpoint import save_checkpoint
     from cvae.config import Config
-    from cvae.evaluate import evaluate
-    from cvae.grid import FACTORS, classes_to_index, index_to_classes
-    from cvae.groundtruth import GroundTruth
-    from cvae.images import encode_pngs
-    from cvae.make_queries import make_queries
-    from cvae.model import SupervisedVAE
-    from cvae.queries import RESULT_SCHEMA
-    from cvae.render import RENDERER_VERSION
+    from cvae.data.grid import FACTORS, classes_to_index, index_to_classes
+    from cvae.data.groundtruth import GroundTruth
+    from cvae.data.images import encode_pngs
+    from cvae.data.render import RENDERER_VERSION
+    from cvae.evaluate.scores import evaluate
+    from cvae.model.checkpoint import save_checkpoint
+    from cvae.model.networks import SupervisedVAE
+    from cvae.serve.make_queries import make_queries
+    from cvae.serve.queries import RESULT_SCHEMA
 
     config = Config()
     ckpt = tmp / "ckpt"

@@ -12,10 +12,10 @@ import tempfile
 import time
 
 from cvae.config import load_config
-from cvae.grid import factor_classes
-from cvae.reader import ShardReader, load_split
-from cvae.render import count_duplicates, render, warm_up
-from cvae.shards import verify_dataset, write_dataset
+from cvae.data.grid import factor_classes
+from cvae.data.reader import ShardReader, load_split
+from cvae.data.render import count_duplicates, render, warm_up
+from cvae.data.shards import verify_dataset, write_dataset
 
 
 def parse_strides(text: str) -> dict:

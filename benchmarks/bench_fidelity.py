@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from cvae.fidelity import REFERENCE, fidelity_table, iou, load_reference, overlay
-from cvae.grid import SHAPE_NAMES
-from cvae.render import ORIGIN, STEP, render
+from cvae.data.fidelity import REFERENCE, fidelity_table, iou, load_reference, overlay
+from cvae.data.grid import SHAPE_NAMES
+from cvae.data.render import ORIGIN, STEP, render
 
 
 def main() -> None:

@@ -47,17 +47,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.fixtures import checkpoint, counterfactual_queries, mixed_queries
-from cvae.checkpoint import load_checkpoint, save_checkpoint
+from cvae.causal.image import NET_CHUNK, ImageSCM
 from cvae.config import load_config
-from cvae.grid import NUM_IMAGES, index_to_classes
-from cvae.images import decode_image
-from cvae.model import NUM_PIXELS, SupervisedVAE
-from cvae.queries import answer_queries
-from cvae.reader import ShardReader
-from cvae.render import render
-from cvae.scm import NET_CHUNK, ImageSCM
-from cvae.shards import write_dataset
-from cvae.train import _evaluate, _to_model
+from cvae.data.grid import NUM_IMAGES, index_to_classes
+from cvae.data.images import decode_image
+from cvae.data.reader import ShardReader
+from cvae.data.render import render
+from cvae.data.shards import write_dataset
+from cvae.model.checkpoint import load_checkpoint, save_checkpoint
+from cvae.model.networks import NUM_PIXELS, SupervisedVAE
+from cvae.model.train import _evaluate, _to_model
+from cvae.serve.queries import answer_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("mlp", "conv", "sprite")

@@ -28,7 +28,7 @@ of one torch thread and all of them, timed on 100 steps just before (its steps w
 image: idle, two threads are faster; on this shared 2-core machine with the other core busy,
 two threads made a step several times slower), so the notebook's method is timed at its fastest.
 
-Ours: `cvae.queries.answer_queries` on the checkpoint's `ImageSCM` (exact abduction, no
+Ours: `cvae.serve.queries.answer_queries` on the checkpoint's `ImageSCM` (exact abduction, no
 optimisation), in-process on the same queries (timed at the start and again after every
 notebook query, so both methods are sampled under the same load on this shared machine),
 in-process on --bulk rows (the same queries repeated under new ids), and end to end:
@@ -40,7 +40,7 @@ Queries: --queries counterfactuals from the test split of the checkpoint's datas
 sources, one random other value of each factor per source: do(shape), do(scale),
 do(orientation), do(pos_x), do(pos_y) in turn). Quality, for both answer sets against the
 true counterfactual image (`GroundTruth.images`): IoU, and the readout of issue 8
-(`Readout.read`, scored with `cvae.evaluate.score` exactly as the evaluation does):
+(`Readout.read`, scored with `cvae.evaluate.scores.score` exactly as the evaluation does):
 effectiveness (the intervened factor reads back as asked) and preservation (every other
 factor reads back as its factual value). A control row (the factual image returned
 unchanged) shows what no answer at all scores.
@@ -71,14 +71,14 @@ from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import SGD
 
-from cvae.checkpoint import load_meta, resolve_checkpoint
-from cvae.evaluate import Sums, score
-from cvae.grid import FACTOR_SIZES, FACTORS, classes_to_index, index_to_classes
-from cvae.images import decode_image
-from cvae.make_queries import iter_query_tables
-from cvae.queries import answer_queries
-from cvae.readout import Readout
-from cvae.scm import ImageSCM
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTOR_SIZES, FACTORS, classes_to_index, index_to_classes
+from cvae.data.images import decode_image
+from cvae.evaluate.readout import Readout
+from cvae.evaluate.scores import Sums, score
+from cvae.model.checkpoint import load_meta, resolve_checkpoint
+from cvae.serve.make_queries import iter_query_tables
+from cvae.serve.queries import answer_queries
 
 SIZES = [FACTOR_SIZES[f] for f in FACTORS]
 # The notebook's constants (cell "Structural Causal Model").
@@ -233,7 +233,7 @@ def end_to_end(checkpoint: str, table: pa.Table, config: str, work: Path, name: 
 
 def quality(images: np.ndarray, true_cf: np.ndarray, do: np.ndarray, factual: np.ndarray, readout,
             hints: np.ndarray) -> tuple[dict, dict]:
-    """Overall and per intervened factor: cvae.evaluate's Sums over these answers."""
+    """Overall and per intervened factor: cvae.evaluate.scores's Sums over these answers."""
     preserved = do < 0
     scores = score(images, true_cf, do, factual, preserved, readout.read(images, hints))
     overall, by_factor = Sums(), {}

@@ -20,14 +20,14 @@ import tempfile
 import numpy as np
 import pyarrow.parquet as pq
 
-from cvae.checkpoint import resolve_checkpoint
-from cvae.grid import FACTORS, SHAPE_NAMES
-from cvae.groundtruth import GroundTruth
-from cvae.images import decode_image
-from cvae.make_queries import make_queries
-from cvae.queries import answer_queries
-from cvae.readout import Readout
-from cvae.scm import ImageSCM
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTORS, SHAPE_NAMES
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import decode_image
+from cvae.evaluate.readout import Readout
+from cvae.model.checkpoint import resolve_checkpoint
+from cvae.serve.make_queries import make_queries
+from cvae.serve.queries import answer_queries
 
 STEP_DEGREES = 360 / 39
 

@@ -42,10 +42,10 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks.fixtures import checkpoint, counterfactual_queries
-from cvae.engine import run_query_job
-from cvae.model import NUM_PIXELS, SupervisedVAE
-from cvae.queries import answer_queries
-from cvae.scm import ImageSCM
+from cvae.causal.image import ImageSCM
+from cvae.model.networks import NUM_PIXELS, SupervisedVAE
+from cvae.serve.engine import run_query_job
+from cvae.serve.queries import answer_queries
 
 
 def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:

@@ -31,13 +31,13 @@ import torch
 
 from benchmarks import bench_train
 from benchmarks.fixtures import checkpoint, counterfactual_queries
+from cvae.causal.image import ImageSCM
 from cvae.config import load_config
-from cvae.grid import factor_classes
-from cvae.images import encode_pngs
-from cvae.model import NUM_PIXELS, SupervisedVAE
-from cvae.queries import answer_queries
-from cvae.scm import ImageSCM
-from cvae.shards import split_rows, write_dataset
+from cvae.data.grid import factor_classes
+from cvae.data.images import encode_pngs
+from cvae.data.shards import split_rows, write_dataset
+from cvae.model.networks import NUM_PIXELS, SupervisedVAE
+from cvae.serve.queries import answer_queries
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cvae.config import Config, load_config  # noqa: E402
-from cvae.model import SupervisedVAE  # noqa: E402
-from cvae.reader import ShardReader  # noqa: E402
-from cvae.shards import read_manifest, write_dataset  # noqa: E402
+from cvae.data.reader import ShardReader  # noqa: E402
+from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
+from cvae.model.networks import SupervisedVAE  # noqa: E402
 
 
 def ensure_data(config: Config, data_dir: Path) -> Path:
@@ -70,7 +70,7 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> f
 def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int) -> float:
     """Images/s per worker through Ray Train: the second of two capped epochs (the
     first warms up), timed by the workers around their training steps."""
-    from cvae.train import run_training
+    from cvae.model.train import run_training
 
     overrides = {"train.num_workers": workers, "train.epochs": 2,
                  "train.max_steps_per_epoch": steps, "train.eval_every": 1000}
@@ -136,7 +136,7 @@ def speed(config: Config, data_dir: Path, out: Path, steps: int) -> None:
 
 
 def quality(config: Config, data_dir: Path, out: Path, archs: list[str]) -> None:
-    from cvae.train import run_training
+    from cvae.model.train import run_training
 
     finals = {}
     for arch in archs:

@@ -1,4 +1,4 @@
-"""Fit the renderer's geometry (`cvae.render.SHAPES`) to official frames.
+"""Fit the renderer's geometry (`cvae.data.render.SHAPES`) to official frames.
 
     python -m benchmarks.fit_renderer [--shape heart] [--steps 800] [--holdout]
 
@@ -10,7 +10,7 @@ agreement: each pixel's coverage is the mean of 6 x 6 samples of a sigmoid of th
 distance to the outline, and a frame's pixels pay softplus((threshold - coverage) / 0.05)
 when on (the reverse when off). The heart's radii also pay for curvature (a smoothness
 prior, so the outline does not chase single pixels). The result is printed as the
-`ShapeGeometry` to paste into `cvae/render.py`, with the IoU of the exact renderer.
+`ShapeGeometry` to paste into `cvae/data/render.py`, with the IoU of the exact renderer.
 
 --holdout fits on every other frame of each shape and prints the IoU of the frames left out:
 what a fit says about official frames it has not seen.
@@ -22,9 +22,9 @@ import argparse
 import numpy as np
 import torch
 
-from cvae.fidelity import REFERENCE, load_reference
-from cvae.grid import LATENT_VALUES, SHAPE_NAMES
-from cvae.render import ORIGIN, SHAPES, STEP
+from cvae.data.fidelity import REFERENCE, load_reference
+from cvae.data.grid import LATENT_VALUES, SHAPE_NAMES
+from cvae.data.render import ORIGIN, SHAPES, STEP
 
 SAMPLES = 6  # per pixel side
 WINDOW = 32  # pixels around the shape's centre

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cvae.checkpoint import save_checkpoint
+from cvae.causal.factors import FactorSCM
 from cvae.config import Config
-from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES
-from cvae.model import SupervisedVAE
-from cvae.render import RENDERER_VERSION
-from cvae.scm import FactorSCM
+from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES
+from cvae.data.render import RENDERER_VERSION
+from cvae.model.checkpoint import save_checkpoint
+from cvae.model.networks import SupervisedVAE
 
 
 def checkpoint(directory: Path, z: int, h: int, arch: str = "mlp") -> str:

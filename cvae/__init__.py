@@ -1,6 +1,6 @@
 """A causal VAE for dSprites on Ray: data, training, and an SCM that answers queries.
 
-`from cvae import CausalModel` is the Python API for notebooks (cvae.api); it is imported on
+`from cvae import CausalModel` is the Python API for notebooks (cvae.serve.api); it is imported on
 first use, so `import cvae` stays cheap (no torch or pyro until then).
 """
 __version__ = "0.1.0"
@@ -10,8 +10,7 @@ _API = ("CausalModel", "Value")
 
 def __getattr__(name: str):
     if name in _API:
-        from cvae import api
-
+        from cvae.serve import api
         return getattr(api, name)
     raise AttributeError(f"module 'cvae' has no attribute {name!r}")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from cvae.families import FamilyError, parse_family
-from cvae.grid import FACTOR_SIZES, FACTORS
+from cvae.causal.families import FamilyError, parse_family
+from cvae.data.grid import FACTOR_SIZES, FACTORS
 
 
 class ConfigError(ValueError):
@@ -181,7 +181,7 @@ class QueryConfig:
             raise ConfigError(f"{where}: resources per actor must be >= 0")
 
     def job_settings(self) -> dict:
-        """The keyword arguments of cvae.engine.run_query_job, one per field (the names match)."""
+        """The keyword arguments of cvae.serve.engine.run_query_job, one per field (the names match)."""
         return dataclasses.asdict(self)
 
 
@@ -191,7 +191,7 @@ class PipelineConfig:
     figures_per_factor: int = 8
     # Condition-versus-intervene families ({target: <factor>, factor: <factor>, value: <class>}),
     # each asked both ways `family_samples` times and scored by total variation against the
-    # generating SCM's exact distributions (cvae.families). Empty: none.
+    # generating SCM's exact distributions (cvae.causal.families). Empty: none.
     families: list = field(default_factory=list)
     family_samples: int = 2000
 

@@ -11,5 +11,5 @@ class OutputLocationError(ValueError):
 
 
 class OutputBusyError(OutputLocationError):
-    """An output folder another live job holds the lease on (cvae.lease): two writers into one
+    """An output folder another live job holds the lease on (cvae.serve.lease): two writers into one
     folder would delete each other's staged files."""

@@ -6,7 +6,9 @@ Jobs read and write through three helpers:
   for libraries that need a local file, and removes the copy afterwards;
 - `local_output(path)` yields a local directory to write into and, for a URI, uploads it
   when the block finishes without error, completion markers (MARKERS) last.
-`check_writable(path)` lets a job refuse an output location it cannot write before it
+`parquet_files(filesystem, folder)` lists a folder's Parquet files the way Spark, Ray and
+pyarrow.dataset do (a path component starting with '.' or '_' is skipped: staging folders,
+markers). `check_writable(path)` lets a job refuse an output location it cannot write before it
 starts any work.
 A plain local path is used in place: nothing is copied.
 """
@@ -36,6 +38,14 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(str(path))
     except Exception as exc:  # unknown scheme, missing credentials, bad bucket name
         raise ValueError(f"cannot open {path!r} as a pyarrow filesystem URI: {exc}") from None
+
+
+def parquet_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
+    """Sorted '.parquet' files under `folder` (recursive), none under a hidden or '_' name."""
+    prefix = folder.rstrip("/") + "/"
+    found = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
+    return sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                  and not any(part.startswith((".", "_")) for part in f.path[len(prefix):].split("/")))
 
 
 def join(base: str | Path, *parts: str) -> str:

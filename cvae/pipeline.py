@@ -2,7 +2,7 @@
 
 Each stage writes under `<out>/`: `data/` (shards), `train/` (checkpoints, metrics,
 figures), `queries/` (the generated counterfactual query set, plus the condition and
-intervene families of `pipeline.families`, cvae.families), `answers/` (results and
+intervene families of `pipeline.families`, cvae.causal.families), `answers/` (results and
 errors Parquet), `eval/` (report.json, report.md, figures). `out` may be a local path or a
 URI (file://, s3://, gs://): every stage reads and writes through pyarrow's filesystems,
 and training workers stage their own shards locally.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cvae import fs
 from cvae.config import Config
-from cvae.grid import FACTORS
+from cvae.data.grid import FACTORS
 from cvae.logs import progress
 from cvae.stages import changed_keys, file_digest, fingerprint, finished, read_record, write_record
 
@@ -104,8 +104,8 @@ def run_pipeline(config: Config, out: str | Path | None = None, force=()) -> dic
 # ----------------------------------------------------------------------------- the stages
 
 def _data(run: _Run) -> tuple[str, str]:
-    from cvae.render import RENDERER_VERSION
-    from cvae.shards import MANIFEST, write_dataset
+    from cvae.data.render import RENDERER_VERSION
+    from cvae.data.shards import MANIFEST, write_dataset
 
     config, data_dir = run.config, fs.join(run.out, "data")
     run.stage("data")
@@ -120,7 +120,7 @@ def _data(run: _Run) -> tuple[str, str]:
 
 
 def _train(run: _Run, data_dir: str, data_id: str):
-    from cvae.train import TrainingResult, run_training
+    from cvae.model.train import TrainingResult, run_training
 
     config, folder = run.config, fs.join(run.out, "train")
     run.stage("train")
@@ -147,8 +147,8 @@ def _train(run: _Run, data_dir: str, data_id: str):
 
 
 def _queries(run: _Run, data_dir: str, data_id: str) -> tuple[str, str]:
-    from cvae.families import parse_family, write_family_queries
-    from cvae.make_queries import make_queries
+    from cvae.causal.families import parse_family, write_family_queries
+    from cvae.serve.make_queries import make_queries
 
     config, folder = run.config, fs.join(run.out, "queries")
     run.stage("queries")
@@ -173,7 +173,7 @@ def _queries(run: _Run, data_dir: str, data_id: str) -> tuple[str, str]:
 
 
 def _answers(run: _Run, queries_dir: str, queries_id: str, checkpoint_id: dict) -> tuple[str, dict]:
-    from cvae.engine import SUCCESS, run_query_job
+    from cvae.serve.engine import SUCCESS, run_query_job
 
     config, folder = run.config, fs.join(run.out, "answers")
     run.stage("answers")
@@ -190,7 +190,7 @@ def _answers(run: _Run, queries_dir: str, queries_id: str, checkpoint_id: dict) 
 
 def _evaluate(run: _Run, data_dir: str, queries_dir: str, answers_dir: str, answers_id: str,
               checkpoint_id: dict) -> dict:
-    from cvae.evaluate import evaluate
+    from cvae.evaluate.scores import evaluate
 
     config, folder = run.config, fs.join(run.out, "eval")
     run.stage("evaluate")
@@ -209,9 +209,9 @@ def _evaluate(run: _Run, data_dir: str, queries_dir: str, answers_dir: str, answ
 
 def _summary(run: _Run, training, data_dir: str, queries_dir: str, answers_dir: str, answers: dict,
              report: dict, started: float) -> dict:
-    from cvae.engine import SUCCESS
-    from cvae.evaluate import headline
-    from cvae.shards import MANIFEST
+    from cvae.data.shards import MANIFEST
+    from cvae.evaluate.scores import headline
+    from cvae.serve.engine import SUCCESS
 
     eval_dir = fs.join(run.out, "eval")
     return {

@@ -8,6 +8,11 @@ import hashlib
 import numpy as np
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# Streams of the SCM's generator: one per use, so no two uses share numbers.
+STREAM_POSTERIOR = 1  # one uniform per factor (per connected component) for inverse-CDF sampling
+STREAM_GUMBEL = 10  # + factor position: 1 + K uniforms for the top-down Gumbel abduction
+STREAM_Z = 20  # z_dim uniforms -> normals (prior z, or the sample from q(z | x, y))
+STREAM_PIXELS = 30  # 4096 uniforms: U_x
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 

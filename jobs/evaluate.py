@@ -22,7 +22,7 @@ import sys
 import time
 
 from cvae import fs
-from cvae.evaluate import EvaluationError, evaluate, headline
+from cvae.evaluate.scores import EvaluationError, evaluate, headline
 from cvae.logs import add_level_option, configure
 
 

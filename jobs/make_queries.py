@@ -10,7 +10,7 @@ For example, after the quickstart (python -m jobs.pipeline --config configs/loca
 Example specs are in configs/bulk/.
 
 --out and --data may be local paths or pyarrow-filesystem URIs (file://, s3://, gs://).
-The spec format is documented in cvae/make_queries.py and docs/bulk.md.
+The spec format is documented in cvae/serve/make_queries.py and docs/bulk.md.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 from cvae import fs
 from cvae.errors import OutputLocationError
 from cvae.logs import add_level_option, configure
-from cvae.make_queries import SpecError, load_spec, make_queries
+from cvae.serve.make_queries import SpecError, load_spec, make_queries
 
 
 def main(argv: list[str] | None = None) -> int:

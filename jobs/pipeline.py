@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cvae.checkpoint import CheckpointError
 from cvae.config import ConfigError, load_config
 from cvae.errors import DataError, OutputLocationError
 from cvae.logs import add_level_option, configure
+from cvae.model.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                            if best.get(f"{split}_loss") is not None)
         print(f"best checkpoint: epoch {best['epoch']} (by {best['best_by'].replace('_', ' ')}), "
               f"{losses} nats/image")
-    for line in summary.get("headline") or []:  # the evaluation's own headline (cvae.evaluate.headline)
+    for line in summary.get("headline") or []:  # the evaluation's own headline (cvae.evaluate.scores.headline)
         print(f"counterfactuals vs ground truth: {line}")
     print("files written:")
     for name, path in summary["files"].items():

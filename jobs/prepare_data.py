@@ -11,9 +11,9 @@ import time
 
 from cvae import fs
 from cvae.config import ConfigError, load_config
+from cvae.data.shards import write_dataset
 from cvae.errors import DataError, OutputLocationError
 from cvae.logs import add_level_option, configure
-from cvae.shards import write_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from cvae.checkpoint import CheckpointError
+    from cvae.causal.factors import ScmError
     from cvae.config import Config, ConfigError, load_config
-    from cvae.queries import QuerySchemaError
-    from cvae.scm import ScmError
+    from cvae.model.checkpoint import CheckpointError
+    from cvae.serve.queries import QuerySchemaError
 
     try:
         config = load_config(args.config) if args.config else Config()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None:
                 setattr(query, key, value)
         query.validate("flags")
-        from cvae.engine import run_query_job
+        from cvae.serve.engine import run_query_job
 
         summary = run_query_job(args.checkpoint, args.queries, args.out, **query.job_settings(),
                                 ray_address=args.address or config.ray_address, num_cpus=config.num_cpus)

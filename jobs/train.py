@@ -14,10 +14,10 @@ import argparse
 import sys
 
 from cvae import fs
-from cvae.checkpoint import CheckpointError
 from cvae.config import ConfigError, load_config
 from cvae.errors import DataError, OutputLocationError
 from cvae.logs import add_level_option, configure
+from cvae.model.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"no dataset at {data}: {manifest} is missing "
                               f"(write one with python -m jobs.prepare_data)")
         fs.check_writable(out)  # an unwritable --out fails now, before Ray starts
-        from cvae.train import run_training
+        from cvae.model.train import run_training
 
         result = run_training(config, data, out, run_name=args.run_name)
     except (ConfigError, CheckpointError, DataError, OutputLocationError, FileNotFoundError) as exc:

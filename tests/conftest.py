@@ -8,6 +8,8 @@ def ray_session():
 
     from cvae.localray import init_ray
 
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 4:
+        ray.shutdown()  # a job's own local Ray, left by an earlier test: too small for the pools here
     if not ray.is_initialized():
         # Logical CPUs beyond the 2 physical cores let a 2-worker trainer and a small
         # actor pool be scheduled side by side; the work itself stays small.

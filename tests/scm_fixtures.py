@@ -5,13 +5,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cvae.checkpoint import save_checkpoint
+from cvae.causal.factors import FactorSCM
 from cvae.config import Config
-from cvae.grid import FACTOR_SIZES
-from cvae.model import SupervisedVAE
-from cvae.queries import QUERY_SCHEMA
-from cvae.render import RENDERER_VERSION
-from cvae.scm import FactorSCM
+from cvae.data.grid import FACTOR_SIZES
+from cvae.data.render import RENDERER_VERSION
+from cvae.model.checkpoint import save_checkpoint
+from cvae.model.networks import SupervisedVAE
+from cvae.serve.queries import QUERY_SCHEMA
 
 CAUSAL_EDGES = [("shape", "scale"), ("scale", "pos_y")]
 

@@ -1,4 +1,4 @@
-"""The notebook API (cvae.api): the same answers as answer_queries on the same rows, factor
+"""The notebook API (cvae.serve.api): the same answers as answer_queries on the same rows, factor
 values by class, name or official value, clear errors, output shapes, and run folders."""
 import hashlib
 import json
@@ -8,11 +8,11 @@ import pyarrow as pa
 import pytest
 
 from cvae import CausalModel, Value
-from cvae.grid import FACTORS, index_to_classes
-from cvae.groundtruth import GroundTruth
-from cvae.images import decode_image
-from cvae.queries import QUERY_SCHEMA, answer_queries
-from cvae.scm import ImageSCM
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTORS, index_to_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import decode_image
+from cvae.serve.queries import QUERY_SCHEMA, answer_queries
 from scm_fixtures import causal_scm, make_checkpoint
 
 SOURCE = 1234
@@ -176,5 +176,5 @@ def test_import_cvae_stays_cheap_until_the_api_is_used():
 
     code = ("import sys, cvae; assert 'torch' not in sys.modules, 'torch imported'; "
             "from cvae import CausalModel; assert 'torch' in sys.modules; "
-            "import cvae.api; assert CausalModel is cvae.api.CausalModel")
+            "import cvae.serve.api; assert CausalModel is cvae.serve.api.CausalModel")
     subprocess.run([sys.executable, "-c", code], check=True)

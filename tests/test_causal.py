@@ -10,11 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cvae.checkpoint import load_meta, save_checkpoint
-from cvae.config import ConfigError, ScmConfig, load_config
-from cvae.engine import read_output, run_query_job
-from cvae.evaluate import evaluate
-from cvae.families import (
+from cvae.causal.factors import FactorSCM, ScmError
+from cvae.causal.families import (
     FAMILY_KINDS,
     FamilyError,
     FamilyTally,
@@ -24,14 +21,18 @@ from cvae.families import (
     tv_table,
     write_family_queries,
 )
-from cvae.grid import FACTORS, SHAPE_NAMES, classes_to_index
-from cvae.groundtruth import GroundTruth
-from cvae.images import decode_image
-from cvae.make_queries import make_queries
-from cvae.queries import answer_queries, check_schema
-from cvae.readout import Readout
-from cvae.render import RENDERER_VERSION
-from cvae.scm import FactorSCM, ImageSCM, ScmError
+from cvae.causal.image import ImageSCM
+from cvae.config import ConfigError, ScmConfig, load_config
+from cvae.data.grid import FACTORS, SHAPE_NAMES, classes_to_index
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import decode_image
+from cvae.data.render import RENDERER_VERSION
+from cvae.evaluate.readout import Readout
+from cvae.evaluate.scores import evaluate
+from cvae.model.checkpoint import load_meta, save_checkpoint
+from cvae.serve.engine import read_output, run_query_job
+from cvae.serve.make_queries import make_queries
+from cvae.serve.queries import answer_queries, check_schema
 from scm_fixtures import CAUSAL_EDGES, causal_scm, causal_tables, make_checkpoint, tiny_vae
 
 SHAPE, SCALE, ORIENT, POS_X, POS_Y = range(5)
@@ -48,7 +49,7 @@ def causal_manifest() -> dict:
 
 def with_manifest(path, manifest: dict):
     """Replace a checkpoint's data manifest."""
-    from cvae.checkpoint import load_checkpoint
+    from cvae.model.checkpoint import load_checkpoint
 
     meta = load_meta(path)
     model, _ = load_checkpoint(path)
@@ -256,7 +257,7 @@ def _causal_counterfactuals(tmp_path, model_factors):
 
 
 def _write_results(results: pa.Table, folder, images: np.ndarray) -> None:
-    from cvae.images import encode_pngs
+    from cvae.data.images import encode_pngs
 
     table = results.set_column(results.schema.get_field_index("image"), "image",
                                pa.array(encode_pngs(images), pa.binary()))

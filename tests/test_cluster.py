@@ -51,7 +51,7 @@ def _client(address: str, token: str | None):
 
 
 def _check_prepare_outputs(out: Path) -> None:
-    from cvae.shards import read_manifest, verify_dataset
+    from cvae.data.shards import read_manifest, verify_dataset
 
     manifest = read_manifest(out)
     assert manifest["counts"]["train"] > 0 and manifest["counts"]["test"] > 0

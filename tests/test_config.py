@@ -143,7 +143,7 @@ def test_query_settings_are_the_query_jobs_keyword_arguments():
     import inspect
 
     from cvae.config import QueryConfig
-    from cvae.engine import run_query_job
+    from cvae.serve.engine import run_query_job
 
     settings = QueryConfig(actors=3, batch_size=7).job_settings()
     accepted = inspect.signature(run_query_job).parameters

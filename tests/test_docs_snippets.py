@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cvae.make_queries import make_queries
-from cvae.queries import answer_queries
-from cvae.scm import ImageSCM
+from cvae.causal.image import ImageSCM
+from cvae.serve.make_queries import make_queries
+from cvae.serve.queries import answer_queries
 from scm_fixtures import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

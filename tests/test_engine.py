@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cvae.causal.image import ImageSCM
 from cvae.config import ConfigError
-from cvae.engine import SUCCESS, read_output, run_query_job
-from cvae.queries import QuerySchemaError, answer_queries
-from cvae.scm import ImageSCM
+from cvae.serve.engine import SUCCESS, read_output, run_query_job
+from cvae.serve.queries import QuerySchemaError, answer_queries
 from scm_fixtures import causal_scm, make_checkpoint, queries
 
 KEY = [("query_id", "ascending"), ("sample", "ascending")]
@@ -196,7 +196,7 @@ def test_file_uris_for_checkpoint_queries_and_output(ray_session, checkpoint, ex
     assert read_output(out_uri)[0].num_rows == want_results.num_rows
     with pytest.raises(QuerySchemaError, match="no such file or folder"):
         run_query_job(checkpoint, (tmp_path / "nowhere").as_uri(), out_uri)
-    from cvae.checkpoint import CheckpointError
+    from cvae.model.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         run_query_job((tmp_path / "nowhere").as_uri(), folder.as_uri(), out_uri)
 

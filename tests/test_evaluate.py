@@ -11,14 +11,24 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from cvae.checkpoint import load_meta, save_checkpoint
-from cvae.evaluate import STRATA, EvaluationError, _figure_label, descendants, evaluate, iou, pixel_error, stratified
-from cvae.grid import FACTORS, classes_to_index, index_to_classes
-from cvae.groundtruth import GroundTruth
-from cvae.images import decode_image, encode_pngs
-from cvae.make_queries import make_queries
-from cvae.queries import RESULT_SCHEMA, answer_queries
-from cvae.scm import ImageSCM, seed_from_query_id
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTORS, classes_to_index, index_to_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import decode_image, encode_pngs
+from cvae.evaluate.scores import (
+    STRATA,
+    EvaluationError,
+    _figure_label,
+    descendants,
+    evaluate,
+    iou,
+    pixel_error,
+    stratified,
+)
+from cvae.model.checkpoint import load_meta, save_checkpoint
+from cvae.rng import seed_from_query_id
+from cvae.serve.make_queries import make_queries
+from cvae.serve.queries import RESULT_SCHEMA, answer_queries
 from jobs import evaluate as job
 from scm_fixtures import CAUSAL_EDGES, causal_scm, make_checkpoint
 
@@ -31,7 +41,7 @@ def _checkpoint(path: Path, factors=None) -> Path:
     make_checkpoint(path, factors)
     meta = load_meta(path)
     meta["manifest"] = {**meta["manifest"], "holdout": HOLDOUT}
-    from cvae.checkpoint import load_checkpoint
+    from cvae.model.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(path)
     meta.pop("model")
@@ -301,7 +311,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 @pytest.mark.slow
 def test_engine_answers_evaluated_through_uris(tmp_path, ray_session, capsys):
     """make_queries -> the Ray query engine -> jobs.evaluate, every path a file:// URI."""
-    from cvae.engine import run_query_job
+    from cvae.serve.engine import run_query_job
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
     make_queries({"sources": {"grid": {"orientation": 10, "pos_x": 4, "pos_y": 4}, "sample": 30},

@@ -117,3 +117,18 @@ def test_local_output_uploads_completion_markers_last(tmp_path, monkeypatch):
     # The folder went up while no manifest was there; the new manifest alone, after it.
     assert events[0][2] is False and events[-1][:2] == ("upload", "manifest.json")
     assert _files(dest) == {"manifest.json": b"new", "shard-0.h5": b"x"}
+
+
+def test_parquet_files_skip_hidden_and_underscore_names_at_any_depth(tmp_path):
+    for name in ("b/q.parquet", "a/p.parquet", "top.parquet", "_staging-1/p.parquet", ".hid/p.parquet",
+                 "b/_c/p.parquet", "_x.parquet", "b/.y.parquet", "notes.txt", "_SUCCESS.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    filesystem, root = fs.resolve(tmp_path)
+    assert fs.parquet_files(filesystem, root) == [f"{root}/{n}" for n in ("a/p.parquet", "b/q.parquet", "top.parquet")]
+    # the same through a file:// URI, and nothing (not an error) for a missing folder
+    filesystem, root = fs.resolve(tmp_path.as_uri())
+    assert [p.rsplit("/", 2)[-2:] for p in fs.parquet_files(filesystem, root)] == [["a", "p.parquet"],
+                                                                                  ["b", "q.parquet"],
+                                                                                  [tmp_path.name, "top.parquet"]]
+    assert fs.parquet_files(filesystem, root + "/missing") == []

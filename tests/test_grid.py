@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cvae.grid import (
+from cvae.data.grid import (
     FACTORS,
     LATENT_SIZES,
     LATENT_VALUES,

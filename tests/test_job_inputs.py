@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from cvae import fs
-from cvae.checkpoint import CheckpointError, check_checkpoint, resolve_checkpoint
 from cvae.errors import OutputLocationError
+from cvae.model.checkpoint import CheckpointError, check_checkpoint, resolve_checkpoint
 from scm_fixtures import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_jobs_query_takes_a_run_folder_and_says_which_checkpoint(run, tmp_path, 
     """Everything up to starting Ray, in process: Ray's start is replaced by a sentinel."""
     import ray
 
-    import cvae.engine
+    import cvae.serve.engine
     from jobs import query
 
     class Started(Exception):
@@ -126,7 +126,7 @@ def test_jobs_query_takes_a_run_folder_and_says_which_checkpoint(run, tmp_path, 
 
     pq.write_table(_queries(), tmp_path / "q.parquet")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(cvae.engine, "init_ray", no_ray)
+    monkeypatch.setattr(cvae.serve.engine, "init_ray", no_ray)
     with pytest.raises(Started):
         query.main(["--checkpoint", str(run.parent), "--queries", str(tmp_path / "q.parquet"),
                     "--out", str(tmp_path / "out")])
@@ -137,7 +137,7 @@ def test_jobs_query_takes_a_run_folder_and_says_which_checkpoint(run, tmp_path, 
 def _queries():
     import pyarrow as pa
 
-    from cvae.queries import QUERY_SCHEMA
+    from cvae.serve.queries import QUERY_SCHEMA
 
     row = {name: None for name in QUERY_SCHEMA.names}
     row.update(query_id="q0", kind="intervene", num_samples=1, do_scale=1)
@@ -164,14 +164,14 @@ def test_check_writable_creates_nothing_and_refuses_proc(tmp_path):
 def test_every_job_refuses_an_unwritable_out_before_ray(job, run, tmp_path, monkeypatch, capsys):
     import ray
 
-    import cvae.engine
     import cvae.localray
+    import cvae.serve.engine
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(cvae.engine, "init_ray", no_ray)
+    monkeypatch.setattr(cvae.serve.engine, "init_ray", no_ray)
     monkeypatch.setattr(cvae.localray, "init_ray", no_ray)
     pq.write_table(_queries(), tmp_path / "q.parquet")
     args = {
@@ -245,14 +245,14 @@ def test_check_checkpoint_refuses_what_cannot_be_loaded(how, tmp_path):
 def test_jobs_query_refuses_a_poisoned_checkpoint_before_ray(how, tmp_path, monkeypatch, capsys):
     import ray
 
-    import cvae.engine
+    import cvae.serve.engine
     from jobs import query
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(cvae.engine, "init_ray", no_ray)
+    monkeypatch.setattr(cvae.serve.engine, "init_ray", no_ray)
     ckpt = Path(make_checkpoint(tmp_path / "ckpt"))
     message = _poison(ckpt, how, tmp_path / "pwned")
     pq.write_table(_queries(), tmp_path / "q.parquet")
@@ -286,7 +286,7 @@ def test_help_names_the_program_and_only_files_that_exist(job, capsys):
 def test_a_checkpoint_of_an_older_renderer_is_refused_before_ray(tmp_path):
     """Checkpoints trained before the official-geometry renderer (manifests without a
     renderer version) fail in the driver with one line naming both versions."""
-    from cvae.checkpoint import CheckpointError, check_checkpoint
+    from cvae.model.checkpoint import CheckpointError, check_checkpoint
     from scm_fixtures import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "old")

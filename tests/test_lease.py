@@ -1,4 +1,4 @@
-"""The output folder's lease (cvae.lease): refusal, stale takeover, heartbeat, lost lease, races.
+"""The output folder's lease (cvae.serve.lease): refusal, stale takeover, heartbeat, lost lease, races.
 
 Local folders, no Ray: each test takes well under a second or two. The same lease on an S3
 bucket, with real query jobs, is in tests/test_s3.py.
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from cvae.errors import OutputBusyError, OutputLocationError
-from cvae.lease import LEASE, OutputLease, _pid_namespace, stale_reason
+from cvae.serve.lease import LEASE, OutputLease, _pid_namespace, stale_reason
 
 
 def record(**changes) -> dict:

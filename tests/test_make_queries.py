@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-import cvae.make_queries as mq
-from cvae.grid import FACTOR_SIZES, FACTORS, grid_indices, index_to_classes
-from cvae.make_queries import SpecError, make_queries, validate_spec
+import cvae.serve.make_queries as mq
+from cvae.data.grid import FACTOR_SIZES, FACTORS, grid_indices, index_to_classes
+from cvae.serve.make_queries import SpecError, make_queries, validate_spec
 from jobs import make_queries as job
 from scm_fixtures import make_checkpoint
 
@@ -175,8 +175,8 @@ def test_files_are_bounded_and_a_rerun_replaces_them(tmp_path, monkeypatch):
 
 def test_sources_from_a_data_split(tmp_path):
     from cvae.config import load_config
-    from cvae.reader import load_split
-    from cvae.shards import write_dataset
+    from cvae.data.reader import load_split
+    from cvae.data.shards import write_dataset
 
     config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
                          {"data.num_shards": 2, "train.num_workers": 1})
@@ -198,7 +198,7 @@ def test_values_range_over_the_sources_grid(tmp_path):
     """all / other / random_other stay on the classes of the sources' grid: a split's
     dataset grid, a grid source's strides; indices sources reach every class."""
     from cvae.config import load_config
-    from cvae.shards import write_dataset
+    from cvae.data.shards import write_dataset
 
     config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
                          {"data.num_shards": 2, "train.num_workers": 1})
@@ -232,8 +232,8 @@ def test_values_range_over_the_sources_grid(tmp_path):
 
 def test_the_engine_accepts_every_row(tmp_path):
     """The query module's own checks pass on generated rows: no error rows at all."""
-    from cvae.queries import answer_queries, check_schema
-    from cvae.scm import ImageSCM
+    from cvae.causal.image import ImageSCM
+    from cvae.serve.queries import answer_queries, check_schema
 
     make_queries({"sources": {"indices": [3, 77777, 500000]}, "samples": 2,
                   "interventions": [{"factor": "shape", "values": "other"},

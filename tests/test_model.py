@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from cvae.checkpoint import (
+from cvae.data.render import render
+from cvae.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_optimizer_state,
     save_checkpoint,
 )
-from cvae.model import CANVAS, SupervisedVAE, one_hot, translation
-from cvae.render import render
+from cvae.model.networks import CANVAS, SupervisedVAE, one_hot, translation
 
 
 def _batch(n=16, seed=0):

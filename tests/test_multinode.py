@@ -27,12 +27,12 @@ import pytest
 import yaml
 from raynodes import RayNodes, free_ports
 
-from cvae.checkpoint import load_meta
+from cvae.causal.image import ImageSCM
 from cvae.config import load_config
-from cvae.engine import read_output
-from cvae.queries import answer_queries
-from cvae.scm import ImageSCM
-from cvae.shards import split_shards, write_dataset
+from cvae.data.shards import split_shards, write_dataset
+from cvae.model.checkpoint import load_meta
+from cvae.serve.engine import read_output
+from cvae.serve.queries import answer_queries
 from scm_fixtures import causal_scm, make_checkpoint, queries
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from cvae.make_queries import make_queries
+from cvae.serve.make_queries import make_queries
 from scm_fixtures import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +97,8 @@ def test_jobs_write_only_their_output_folders(root):
     assert pads.dataset(str(queries), format="parquet").count_rows() > 0
 
     # evaluate, on results answered in this process (engine layout), inputs as file:// URIs.
-    from cvae.queries import answer_queries
-    from cvae.scm import ImageSCM
+    from cvae.causal.image import ImageSCM
+    from cvae.serve.queries import answer_queries
 
     ckpt = make_checkpoint(root / "in" / "ckpt")
     make_queries({"sources": {"indices": [7, 300000]},

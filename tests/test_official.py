@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from cvae.config import load_config
+from cvae.data.grid import NUM_IMAGES, classes_to_index, index_to_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.official import load_official, write_official
+from cvae.data.reader import load_split
+from cvae.data.shards import read_manifest, write_dataset
 from cvae.errors import DataError
-from cvae.grid import NUM_IMAGES, classes_to_index, index_to_classes
-from cvae.groundtruth import GroundTruth
-from cvae.official import load_official, write_official
-from cvae.reader import load_split
-from cvae.shards import read_manifest, write_dataset
 
 N = 300
 
@@ -137,8 +137,8 @@ def test_a_rendered_grid_imported_in_the_official_layout_is_the_rendered_dataset
     """The faithful renderer's grid written as an official-layout npz and imported gives
     the very dataset that `generator: render` writes (same rows, splits, images), so a
     config trains on it exactly as on rendered data."""
-    from cvae.grid import factor_classes
-    from cvae.render import render
+    from cvae.data.grid import factor_classes
+    from cvae.data.render import render
 
     strides = {"orientation": 10, "pos_x": 4, "pos_y": 4}
     classes = factor_classes(strides)

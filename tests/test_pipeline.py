@@ -6,9 +6,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cvae.config import load_config
-from cvae.engine import read_output
+from cvae.data.reader import load_split
 from cvae.pipeline import STAGES, run_pipeline
-from cvae.reader import load_split
+from cvae.serve.engine import read_output
 
 REPO = Path(__file__).resolve().parents[1]
 

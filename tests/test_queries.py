@@ -5,11 +5,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cvae.grid import FACTORS, index_to_classes
-from cvae.groundtruth import GroundTruth
-from cvae.images import encode_png
-from cvae.queries import QUERY_SCHEMA, QuerySchemaError, answer_queries
-from cvae.scm import FactorSCM, ImageSCM
+from cvae.causal.factors import FactorSCM
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTORS, index_to_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import encode_png
+from cvae.serve.queries import QUERY_SCHEMA, QuerySchemaError, answer_queries
 from scm_fixtures import tiny_vae
 
 SOURCE = 123456
@@ -192,7 +193,7 @@ def test_png_writer_is_exact_and_a_plain_1_bit_png():
 
     from PIL import Image
 
-    from cvae.images import decode_image, encode_pngs
+    from cvae.data.images import decode_image, encode_pngs
 
     rng = np.random.default_rng(0)
     sprites = GroundTruth("render").images(rng.integers(0, 737280, 20))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cvae.grid import FACTORS, NUM_IMAGES, classes_to_index, index_to_classes
-from cvae.groundtruth import GroundTruth
-from cvae.readout import Readout, _block_any, _block_counts, _pack
+from cvae.data.grid import FACTORS, NUM_IMAGES, classes_to_index, index_to_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.evaluate.readout import Readout, _block_any, _block_counts, _pack
 
 
 def _blobs(n: int, seed: int) -> np.ndarray:

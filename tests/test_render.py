@@ -3,9 +3,9 @@ every position step."""
 import numpy as np
 import pytest
 
-from cvae.fidelity import fidelity_table, iou, load_reference
-from cvae.grid import FACTOR_SIZES, factor_classes
-from cvae.render import STEP, contact_sheet, count_duplicates, render, sprite_tiles
+from cvae.data.fidelity import fidelity_table, iou, load_reference
+from cvae.data.grid import FACTOR_SIZES, factor_classes
+from cvae.data.render import STEP, contact_sheet, count_duplicates, render, sprite_tiles
 
 SHAPES, SCALES, ORIENTATIONS, POSITIONS = 3, 6, 40, 32
 SQUARE, ELLIPSE, HEART = 0, 1, 2

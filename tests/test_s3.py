@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cvae import engine
 from cvae import fs as cfs
-from cvae.engine import SUCCESS, read_output
-from cvae.lease import LEASE, _pid_namespace
-from cvae.queries import ERROR_SCHEMA, QUERY_SCHEMA, RESULT_SCHEMA
+from cvae.serve import engine
+from cvae.serve.engine import SUCCESS, read_output
+from cvae.serve.lease import LEASE, _pid_namespace
+from cvae.serve.queries import ERROR_SCHEMA, QUERY_SCHEMA, RESULT_SCHEMA
 from scm_fixtures import make_checkpoint
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
@@ -133,7 +133,7 @@ def test_prepare_data_writes_manifest_and_shards_to_the_bucket(data):
 
 @pytest.mark.slow  # two Ray Train runs of two workers (the `trained` fixture)
 def test_train_keeps_checkpoints_in_the_bucket_and_resumes_from_them(trained, capsys):
-    from cvae.checkpoint import load_meta
+    from cvae.model.checkpoint import load_meta
 
     files = listing(trained)
     epochs = sorted({f.split("/")[1] for f in files if f.startswith("tiny/checkpoint_epoch_")})
@@ -245,8 +245,8 @@ def _reaped_pid() -> int:
 
 
 def test_a_job_killed_mid_commit_then_rerun_leaves_every_row_once(bucket, tmp_path, monkeypatch, capsys):
-    from cvae.queries import answer_queries
-    from cvae.scm import ImageSCM
+    from cvae.causal.image import ImageSCM
+    from cvae.serve.queries import answer_queries
     from jobs.query import main as query
 
     local_checkpoint = make_checkpoint(tmp_path / "ckpt")
@@ -288,7 +288,7 @@ def test_a_job_killed_mid_commit_then_rerun_leaves_every_row_once(bucket, tmp_pa
     assert SUCCESS not in files
     with pytest.raises(FileNotFoundError, match="no committed output"):
         read_output(out)  # readers refuse the half-committed folder
-    from cvae.evaluate import EvaluationError, _results_files
+    from cvae.evaluate.scores import EvaluationError, _results_files
 
     with cfs.staged(out) as local, pytest.raises(EvaluationError, match="did not commit"):
         _results_files(local)

@@ -5,11 +5,13 @@ import pytest
 import torch
 from pyro import poutine
 
+from cvae.causal.factors import FactorSCM, ScmError
+from cvae.causal.image import ImageSCM
 from cvae.config import ScmConfig
-from cvae.grid import FACTORS, grid_indices, index_to_classes
-from cvae.groundtruth import GroundTruth
-from cvae.queries import answer_queries
-from cvae.scm import FactorSCM, ImageSCM, ScmError, row_keys, uniforms
+from cvae.data.grid import FACTORS, grid_indices, index_to_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.rng import row_keys, uniforms
+from cvae.serve.queries import answer_queries
 from scm_fixtures import CAUSAL_EDGES, causal_scm, causal_tables, tiny_vae
 
 SHAPE, SCALE, ORIENT, POS_X, POS_Y = range(5)
@@ -169,7 +171,7 @@ def test_counterfactual_with_the_observed_value_returns_the_factual_image_exactl
     for j, f in enumerate(FACTORS):
         results = counterfactuals(default_scm, sources, {f: observed[:, j]})
         truth = GroundTruth("render").images(sources)
-        from cvae.images import decode_image
+        from cvae.data.images import decode_image
         got = np.stack([decode_image(b) for b in results.column("image").to_pylist()])
         assert np.array_equal(got, truth), f
         assert np.array_equal(np.stack([results.column(g).to_numpy() for g in FACTORS], 1), observed)

@@ -8,14 +8,13 @@ import h5py
 import numpy as np
 import pytest
 
-import cvae.shards as shards_module
+import cvae.data.shards as shards_module
 from cvae.config import ConfigError, load_config
-from cvae.errors import DataError
-from cvae.grid import classes_to_index, classes_to_values, factor_classes
-from cvae.groundtruth import GroundTruth
-from cvae.reader import ShardReader, load_split
-from cvae.render import render
-from cvae.shards import (
+from cvae.data.grid import classes_to_index, classes_to_values, factor_classes
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.reader import ShardReader, load_split
+from cvae.data.render import render
+from cvae.data.shards import (
     MANIFEST,
     SPLITS,
     holdout_mask,
@@ -25,6 +24,7 @@ from cvae.shards import (
     verify_dataset,
     write_dataset,
 )
+from cvae.errors import DataError
 from jobs.prepare_data import main as prepare_data
 
 TINY = "configs/tiny.yaml"
@@ -129,7 +129,7 @@ def test_validation_is_seeded_disjoint_from_test_and_optional():
 
 
 def test_no_validation_split_and_old_manifests(config, tmp_path):
-    from cvae.make_queries import SpecError, split_indices
+    from cvae.serve.make_queries import SpecError, split_indices
 
     config.data.validation_fraction = 0.0
     try:
@@ -435,8 +435,8 @@ def test_scm_generator_samples_the_causal_factors(tmp_path):
 def test_datasets_of_an_older_renderer_are_refused_by_name(tmp_path):
     """A manifest records the renderer version; ground truth (evaluation, and checkpoints
     that carry their manifest) refuses data drawn by another version, naming both."""
-    from cvae.groundtruth import GroundTruth
-    from cvae.render import RENDERER_VERSION
+    from cvae.data.groundtruth import GroundTruth
+    from cvae.data.render import RENDERER_VERSION
 
     manifest = write_dataset(load_config(TINY, {"data.strides": {"orientation": 40, "pos_x": 8, "pos_y": 8}}),
                              tmp_path / "data")

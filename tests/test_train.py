@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cvae.checkpoint import load_checkpoint, load_meta
 from cvae.config import load_config
-from cvae.model import SupervisedVAE
-from cvae.reader import load_split
-from cvae.shards import split_shards, write_dataset
-from cvae.train import reconstruct, run_training
+from cvae.data.reader import load_split
+from cvae.data.shards import split_shards, write_dataset
+from cvae.model.checkpoint import load_checkpoint, load_meta
+from cvae.model.networks import SupervisedVAE
+from cvae.model.train import reconstruct, run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -49,8 +49,7 @@ def check_checkpoint(path: str, epoch: int) -> SupervisedVAE:
 
 
 def test_long_epochs_show_progress_inside_the_epoch(tiny_data, tmp_path, monkeypatch, capfd):
-    from cvae import train as train_module
-
+    from cvae.model import train as train_module
     monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # a line after every step
     run_training(tiny_config(num_workers=0, epochs=1, max_steps_per_epoch=4), tiny_data, tmp_path, run_name="p")
     lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 1/1: ")]
@@ -94,7 +93,7 @@ def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
 ])
 def test_best_checkpoint_is_chosen_by_validation_loss(tmp_path, monkeypatch, validation_fraction,
                                                       best_by, best_epoch):
-    import cvae.train as train_module
+    import cvae.model.train as train_module
 
     config = load_config(CONFIG, {"data.validation_fraction": validation_fraction,
                                   "train.num_workers": 0, "train.epochs": 3,
@@ -166,7 +165,7 @@ def test_two_workers_survive_a_sigkill_mid_epoch_and_a_rerun_resumes(
 def test_two_workers_train_the_sprite_model_and_its_position_maps(ray_session, tiny_data, tmp_path):
     """The default architecture under DDP: the position maps are parameters that move
     away from their whole-pixel starting guess, and the model learns."""
-    from cvae.model import translation
+    from cvae.model.networks import translation
 
     config = load_config(CONFIG, {"model.arch": "sprite", "train.num_workers": 2, "train.epochs": 2,
                                   "train.lr": 3e-3})

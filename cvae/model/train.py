@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvae.checkpoint import CheckpointError, load_checkpoint, load_meta, load_optimizer_state, save_checkpoint
 from cvae.config import Config, ConfigError
-from cvae.model import SupervisedVAE
+from cvae.model.checkpoint import CheckpointError, load_checkpoint, load_meta, load_optimizer_state, save_checkpoint
+from cvae.model.networks import SupervisedVAE
 
 EVAL_SPLITS = ("validation", "test", "holdout")  # evaluated every train.eval_every epochs
 PROGRESS_EVERY_S = 60.0  # rank 0's progress line inside an epoch, at most this often
@@ -104,7 +104,7 @@ def placement(rank: int, files: list[str], staged: bool) -> list[dict]:
 def rank_files(manifest: dict, rank: int, world: int) -> list[str]:
     """The manifest and the shard files that rank `rank` of `world` reads (as ShardReader
     assigns them: every world-th shard of each split)."""
-    from cvae.shards import MANIFEST, SPLITS, split_shards
+    from cvae.data.shards import MANIFEST, SPLITS, split_shards
 
     return [MANIFEST] + [e["file"] for split in SPLITS
                          for e in split_shards(manifest, split)[rank::world]]
@@ -114,7 +114,7 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
     import ray.train
     import ray.train.torch
 
-    from cvae.reader import ShardReader
+    from cvae.data.reader import ShardReader
 
     config: Config = loop_config["config"]
     train = config.train
@@ -422,9 +422,9 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
 def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_name: str) -> dict:
     """What every worker needs (plain data: it is pickled to each one), checked here first."""
     from cvae import fs
-    from cvae.reader import load_split
-    from cvae.scm import FactorSCM
-    from cvae.shards import MANIFEST, read_manifest
+    from cvae.causal.factors import FactorSCM
+    from cvae.data.reader import load_split
+    from cvae.data.shards import MANIFEST, read_manifest
 
     data_uri = str(data_dir).rstrip("/") if fs.is_uri(data_dir) else str(Path(data_dir).resolve())
     remote = fs.is_uri(out_dir)
@@ -570,8 +570,8 @@ def reconstruct(model: SupervisedVAE, images: torch.Tensor, classes: torch.Tenso
 def save_reconstructions(checkpoint_dir: str | Path, data_dir: str | Path, path: Path,
                          count: int = 10) -> Path:
     """Test images above their reconstructions by the checkpoint's model."""
+    from cvae.data.reader import ShardReader
     from cvae.figures import save_image_grid
-    from cvae.reader import ShardReader
 
     model, meta = load_checkpoint(checkpoint_dir)
     reader = ShardReader(data_dir, split="test", batch_size=count, seed=0, verify=False)

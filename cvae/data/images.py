@@ -1,4 +1,5 @@
-"""Binary 64x64 images as bytes: PNG (1-bit) for results, PNG or raw 0/1 bytes for queries."""
+"""Binary 64x64 images: as bytes (PNG, 1-bit, for results; PNG or raw 0/1 bytes for queries),
+and compared (per-image IoU and pixel error, the evaluation's and the renderer fit's measure)."""
 from __future__ import annotations
 
 import io
@@ -8,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from cvae.grid import IMAGE_SIZE
+from cvae.data.grid import IMAGE_SIZE
 
 RAW_SIZE = IMAGE_SIZE * IMAGE_SIZE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,3 +80,20 @@ def decode_image(data: bytes) -> np.ndarray:
     raise ValueError(
         f"image is neither PNG nor {RAW_SIZE} raw bytes of 0/1 (got {len(data)} bytes)"
     )
+
+
+def flatten(images: np.ndarray) -> np.ndarray:
+    """(n, 64, 64) -> (n, 4096); also for n = 0, where reshape cannot infer the width."""
+    return images.reshape(len(images), int(np.prod(images.shape[1:], dtype=np.int64)))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image intersection over union of (n, 64, 64) binary images; 1 when both are empty."""
+    a, b = flatten(a).astype(bool), flatten(b).astype(bool)
+    inter, union = (a & b).sum(1), (a | b).sum(1)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def pixel_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image fraction of pixels that differ."""
+    return (flatten(a) != flatten(b)).mean(1)

@@ -5,7 +5,7 @@ dSprites holds every factor combination, so each counterfactual result row has a
 image: the image of the row's own factor columns (the counterfactual world the factor SCM
 computed with the abducted noise; under the default SCM, the factual factors with the
 intervened ones replaced). Every answer image is also read back to all five factors by
-`cvae.readout` (the nearest ground-truth image over the whole grid by IoU; pixel-identical
+`cvae.evaluate.readout` (the nearest ground-truth image over the whole grid by IoU; pixel-identical
 classes count as one answer, any other tie and an empty image read back nothing). Per
 intervened factor (and joint intervention) and overall:
 
@@ -51,14 +51,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cvae import fs
-from cvae.families import FamilyTally, read_families, tv_table
-from cvae.families import markdown_table as family_markdown
-from cvae.families import save_figure as save_family_figure
-from cvae.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
-from cvae.images import decode_image, encode_pngs
+from cvae.causal.families import FamilyTally, read_families, tv_table
+from cvae.causal.families import markdown_table as family_markdown
+from cvae.causal.families import save_figure as save_family_figure
+from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
+from cvae.data.images import decode_image, encode_pngs, flatten, iou, pixel_error  # noqa: F401 (iou, pixel_error: the scores)
 from cvae.rng import hash_parts, row_keys, seed_from_query_id
 
 BATCH_ROWS = 2048
@@ -71,23 +72,6 @@ class EvaluationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def _flat(images: np.ndarray) -> np.ndarray:
-    """(n, 64, 64) -> (n, 4096); also for n = 0, where reshape cannot infer the width."""
-    return images.reshape(len(images), int(np.prod(images.shape[1:], dtype=np.int64)))
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image intersection over union of (n, 64, 64) binary images; 1 when both are empty."""
-    a, b = _flat(a).astype(bool), _flat(b).astype(bool)
-    inter, union = (a & b).sum(1), (a | b).sum(1)
-    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
-
-
-def pixel_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image fraction of pixels that differ."""
-    return (_flat(a) != _flat(b)).mean(1)
-
 
 def descendants(edges: list) -> np.ndarray:
     """(5, 5) bool: [j, k] when FACTORS[k] is a descendant of FACTORS[j] in the DAG `edges`."""
@@ -117,8 +101,8 @@ def score(answer: np.ndarray, true_cf: np.ndarray, do: np.ndarray, factual: np.n
     """Scores of (n, 64, 64) answers; `preserved` (n, 5) bool marks the factors that must keep
     their factual value, `downstream` (n, 5) bool the descendants of an intervened factor,
     which must read back as their true counterfactual classes `cf_classes` (n, 5);
-    `readback` is the answers' `cvae.readout.ReadBack`."""
-    flat, want = _flat(answer), _flat(true_cf)
+    `readback` is the answers' `cvae.evaluate.readout.ReadBack`."""
+    flat, want = flatten(answer), flatten(true_cf)
     if downstream is None:
         downstream, cf_classes = np.zeros_like(preserved), factual
     return Scores(iou=iou(answer, true_cf), pixel_error=pixel_error(answer, true_cf),
@@ -198,16 +182,16 @@ class Sums:
 # ----------------------------------------------------------------------------- inputs
 
 def _parquet_files(folder: Path) -> list[Path]:
-    """Parquet files under a folder, skipping hidden, staging and marker files ('.', '_')."""
+    """A local Parquet file, or a folder's Parquet files as the query engine lists them."""
     if folder.is_file():
         return [folder]
-    return sorted(p for p in folder.rglob("*.parquet")
-                  if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
+    root = str(folder.resolve())
+    return [folder / p[len(root) + 1:] for p in fs.parquet_files(pafs.LocalFileSystem(), root)]
 
 
 def _results_files(results: Path) -> list[Path]:
     """The engine's output folder (results/ beside errors/ and _SUCCESS.json) or a bare folder."""
-    from cvae.engine import SUCCESS
+    from cvae.serve.engine import SUCCESS
 
     if (results / "results").is_dir():
         if not (results / SUCCESS).is_file():
@@ -291,11 +275,12 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
     """Evaluate the counterfactual results in `results` against ground truth; writes
     report.json, report.md and figures/*.png under `out_dir` (paths or URIs) and returns
     the report. `checkpoint` may be a training run folder: its best checkpoint is used
-    (cvae.checkpoint.resolve_checkpoint)."""
-    from cvae.checkpoint import load_meta, resolve_checkpoint
-    from cvae.groundtruth import GroundTruth
-    from cvae.readout import Readout
-    from cvae.scm import FactorSCM, ImageSCM
+    (cvae.model.checkpoint.resolve_checkpoint)."""
+    from cvae.causal.factors import FactorSCM
+    from cvae.causal.image import ImageSCM
+    from cvae.data.groundtruth import GroundTruth
+    from cvae.evaluate.readout import Readout
+    from cvae.model.checkpoint import load_meta, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
     with fs.staged(results) as results_local, fs.staged(queries) as queries_local, \
@@ -345,7 +330,7 @@ def _manifest(meta: dict, data_dir, checkpoint) -> dict:
     """The data manifest: the dataset's own when `data_dir` is given, else the checkpoint's copy."""
     manifest = meta.get("manifest")
     if data_dir is not None:
-        from cvae.shards import MANIFEST, read_manifest
+        from cvae.data.shards import MANIFEST, read_manifest
 
         with fs.staged(data_dir, only=[MANIFEST]) as data_local:
             manifest = read_manifest(data_local)
@@ -381,7 +366,7 @@ def _group_names(do: np.ndarray) -> np.ndarray:
 
 
 def _parts(classes_cf: np.ndarray, factual: np.ndarray, holdout: list) -> dict[str, np.ndarray]:
-    from cvae.shards import holdout_mask
+    from cvae.data.shards import holdout_mask
 
     if not holdout:
         return {"all": np.ones(len(classes_cf), dtype=bool)}
@@ -415,7 +400,7 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
     query_ids = table["query_id"].to_pylist()
     # The true counterfactual world: the generating SCM run on the factual's abducted noise,
     # drawn with the row keys the answer's own noise came from (the query's seed, else its
-    # id's hash; cvae.queries). Under independent factors: the factual with the do applied.
+    # id's hash; cvae.serve.queries). Under independent factors: the factual with the do applied.
     cf = _true_world(st.world, table, factual, do)
     own = _ints(table, list(FACTORS))  # the world the model's SCM answered in
     st.agree[0] += n
@@ -467,7 +452,7 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
 def _true_world(world, table: pa.Table, factual: np.ndarray, do: np.ndarray) -> np.ndarray:
     """The true counterfactual classes (n, 5): the generating SCM run on the factual's
     abducted noise, drawn with the row keys the answer's own noise came from (the query's
-    seed, else its id's hash; cvae.queries). Under independent factors: the factual with the
+    seed, else its id's hash; cvae.serve.queries). Under independent factors: the factual with the
     do applied."""
     seeds = [seed_from_query_id(q) if s is None else s % 2**64
              for q, s in zip(table["query_id"].to_pylist(), table["seed"].to_pylist())]
@@ -480,7 +465,7 @@ def _composition(st: _State, null: np.ndarray, answer: np.ndarray, true_factual:
     """The SCM's composition (a null intervention returns the factual image exactly), and the
     pool of distinct factual images the model's own composition runs on later (seeded)."""
     st.null[0] += int(null.sum())
-    st.null[1] += int((_flat(answer[null]) == _flat(true_factual[null])).all(1).sum())
+    st.null[1] += int((flatten(answer[null]) == flatten(true_factual[null])).all(1).sum())
     st.null[2] += float(pixel_error(answer[null], true_factual[null]).sum())
     if st.composition_limit:
         for index in np.unique(at_factual).tolist():
@@ -537,7 +522,7 @@ def _model_composition(scm, truth, pool: dict, limit: int) -> dict:
     for k in range(1, max(COMPOSITION_STEPS) + 1):
         image = scm.most_likely_reconstruction(image, classes, keys)
         if k in COMPOSITION_STEPS:
-            same = (_flat(image) == _flat(factual)).all(1)
+            same = (flatten(image) == flatten(factual)).all(1)
             out["iou"][str(k)] = round(float(iou(image, factual).mean()), 6)
             out["exact"][str(k)] = round(float(same.mean()), 6)
     return out
@@ -567,7 +552,7 @@ def _reversal_queries(table: pa.Table, rows: np.ndarray, cf: np.ndarray, factual
 
 def _reversibility(scm, pool: dict, truth, holdout: list, groups: dict, max_samples: int,
                    refused: dict) -> None:
-    from cvae.queries import answer_queries
+    from cvae.serve.queries import answer_queries
 
     if not pool:
         return
@@ -585,7 +570,7 @@ def _reversibility(scm, pool: dict, truth, holdout: list, groups: dict, max_samp
     factual = _ints(table, [f"_factual_{f}" for f in FACTORS])[at]
     want = truth.images(classes_to_index(factual))
     row_iou = iou(back, want)
-    row_exact = (_flat(back) == _flat(want)).all(1)
+    row_exact = (flatten(back) == flatten(want)).all(1)
     names = np.array(table["_group"].to_pylist(), dtype=object)[at]
     cf = _ints(table, list(FACTORS))[at]
 

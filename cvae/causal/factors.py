@@ -1,50 +1,27 @@
-"""The structural causal model: a factor DAG with Gumbel-max mechanisms, then the VAE's pixels.
+"""The factor half of the structural causal model: a DAG over the five factors with
+Gumbel-max mechanisms. Pure numpy, no I/O beyond what `fit` is handed.
 
-Exogenous noise: a Gumbel vector `U_<factor>` per factor, `U_z ~ N(0, I)`, `U_x ~ Uniform`
-per pixel. Mechanisms: `factor = argmax(log p(factor | parents) + U_factor)`, `z = U_z`,
-`x_i = 1[U_x,i < p_i]` with `p = sigmoid(decoder(z, factors))`.
+Exogenous noise: a Gumbel vector `U_<factor>` per factor. Mechanism:
+`factor = argmax(log p(factor | parents) + U_factor)`. `FactorSCM` holds the tables and
+does the exact work: sampling, abduction of the Gumbels from observed factors, and exact
+posteriors by enumeration (`cvae.causal.image` joins it to the VAE's pixels).
 
-`FactorSCM` is the factor half (tables, sampling, exact abduction of the Gumbels, exact
-posteriors by enumeration); `ImageSCM` joins it to a trained VAE as one batched Pyro model
-(`ImageSCM.model`) and answers the three query kinds with `poutine.condition` and
-`poutine.do` on it.
-
-Randomness: every random number is a counter-based hash of (row key, stream, counter),
-where the row key mixes the query's seed and the sample number (`row_keys`). So a result
-depends only on its query row and the checkpoint: never on batch size, actors or order.
+Randomness: every random number is a counter-based hash of (row key, stream, counter)
+(`cvae.rng`), so a result depends only on its query row: never on batching or order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pyro
-import pyro.distributions as dist
-import torch
-from pyro import poutine
 
-from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
-from cvae.rng import gumbels, row_keys, seed_from_query_id, uniforms  # noqa: F401 (re-exported)
-
-SIZES = tuple(FACTOR_SIZES[f] for f in FACTORS)
-NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
-# Streams of the counter-based generator: one per use, so no two uses share numbers.
-STREAM_POSTERIOR = 1  # one uniform per factor (per connected component) for inverse-CDF sampling
-STREAM_GUMBEL = 10  # + factor position: 1 + K uniforms for the top-down Gumbel abduction
-STREAM_Z = 20  # z_dim uniforms -> normals (prior z, or the sample from q(z | x, y))
-STREAM_PIXELS = 30  # 4096 uniforms: U_x
-# Networks run on fixed-size, zero-padded chunks: a matrix product's rounding can depend on
-# the number of rows, and results must not depend on how rows are batched.
-NET_CHUNK = 256
+from cvae.data.grid import FACTOR_SIZES, FACTORS
+from cvae.rng import STREAM_GUMBEL, gumbels, row_keys, uniforms
 
 
 class ScmError(ValueError):
     """An SCM spec (edges, tables) that cannot be used, with the problem named."""
 
-
-# --------------------------------------------------------------------------- factor SCM
 
 
 class FactorSCM:
@@ -391,196 +368,3 @@ def _components(nodes: list, edges: list) -> list[list]:
 
 
 # --------------------------------------------------------------------------- image SCM
-
-
-@dataclass
-class Answer:
-    """Per sample row: the generated world's classes (m, 5) and binary images (m, 64, 64)."""
-
-    classes: np.ndarray
-    images: np.ndarray
-
-
-class ImageSCM:
-    """FactorSCM + the VAE decoder (mechanism of x) and encoder (abduction of z)."""
-
-    def __init__(self, vae, factors: FactorSCM, abduct_z: str = "mean", ground_truth=None,
-                 device: str | torch.device | None = None):
-        if abduct_z not in ("mean", "sample"):
-            raise ScmError(f"abduct_z must be 'mean' or 'sample', got {abduct_z!r}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.vae = vae.to(self.device).eval()
-        self.factors = factors
-        self.abduct_z = abduct_z
-        self.z_dim = vae.z_dim
-        self.ground_truth = ground_truth
-
-    @classmethod
-    def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> ImageSCM:
-        """Load the VAE and the SCM recorded in the checkpoint's meta ("scm", "config", "manifest")."""
-        from cvae.checkpoint import load_checkpoint
-
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        vae, meta = load_checkpoint(directory, device=dev)
-        factors = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
-        manifest = meta.get("manifest") or {}
-        if manifest.get("generator") in ("render", "import"):  # (checkpoints from before on_grid)
-            factors = factors.on_grid((manifest.get("grid") or {}).get("strides") or {})
-        abduct_z = (meta.get("config") or {}).get("scm", {}).get("abduct_z", "mean")
-        ground_truth = None
-        if meta.get("manifest"):
-            from cvae.groundtruth import GroundTruth
-
-            ground_truth = GroundTruth.from_manifest(meta["manifest"])
-        return cls(vae, factors, abduct_z=abduct_z, ground_truth=ground_truth, device=dev)
-
-    # ----------------------------------------------------------------- networks
-
-    @torch.no_grad()
-    def _net(self, fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Apply a network on NET_CHUNK-row chunks (row results independent of batching).
-
-        Every call sees exactly NET_CHUNK rows: full chunks are views of the input, only
-        the last one is zero-padded; outputs are written into preallocated tensors.
-        """
-        n = len(tensors[0])
-        outs: list[torch.Tensor] | None = None
-        for i in range(0, n, NET_CHUNK):
-            part = [t[i:i + NET_CHUNK] for t in tensors]
-            rows = len(part[0])
-            if rows < NET_CHUNK:
-                part = [torch.cat([t, t.new_zeros((NET_CHUNK - rows,) + t.shape[1:])]) for t in part]
-            result = fn(*part)
-            result = list(result) if isinstance(result, tuple) else [result]
-            if outs is None:
-                outs = [r.new_empty((n,) + r.shape[1:]) for r in result]
-            for out, r in zip(outs, result):
-                out[i:i + rows] = r[:rows]
-        return outs
-
-    def pixel_probs(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """p = sigmoid(decoder(z, classes)) in float64, (m, 4096)."""
-        (logits,) = self._net(self.vae.decode, z.to(self.device), classes.to(self.device))
-        return logits.double().sigmoid_()
-
-    # ----------------------------------------------------------------- the Pyro model
-
-    def factor_model(self, n: int) -> torch.Tensor:
-        """Exogenous Gumbels U_<f> and the factor sites, in topological order; (n, 5) classes."""
-        with pyro.plate("rows", n):
-            return self._factors(n)
-
-    def _factors(self, n: int) -> torch.Tensor:
-        classes = torch.zeros(n, len(FACTORS), dtype=torch.long)
-        for f in self.factors.order:
-            i = FACTORS.index(f)
-            k = FACTOR_SIZES[f]
-            g = pyro.sample(f"U_{f}", dist.Gumbel(torch.zeros(k, dtype=torch.float64), 1.0,
-                                                  validate_args=False).to_event(1))
-            value = self.factors.mechanism(f, classes.numpy(), g.numpy())
-            classes[:, i] = pyro.sample(f, dist.Delta(torch.as_tensor(value, dtype=torch.long), validate_args=False))
-        return classes
-
-    def image_model(self, classes: torch.Tensor) -> torch.Tensor:
-        """U_z ~ N(0, I), z = U_z; U_x ~ Uniform per pixel, x = 1[U_x < p]; (m, 4096) uint8."""
-        with pyro.plate("rows", len(classes)):
-            return self._pixels(classes)
-
-    def _pixels(self, classes: torch.Tensor) -> torch.Tensor:
-        u_z = pyro.sample("U_z", dist.Normal(torch.zeros(self.z_dim), 1.0, validate_args=False).to_event(1))
-        z = pyro.deterministic("z", u_z, event_dim=1)
-        p = self.pixel_probs(z, classes).cpu()
-        u_x = pyro.sample("U_x", dist.Uniform(torch.zeros(NUM_PIXELS, dtype=torch.float64), 1.0,
-                                              validate_args=False).to_event(1))
-        return pyro.deterministic("x", (u_x < p).to(torch.uint8), event_dim=1)
-
-    def model(self, n: int) -> torch.Tensor:
-        """The whole SCM for n rows: factors, then pixels (factor_model then image_model)."""
-        with pyro.plate("rows", n):
-            return self._pixels(self._factors(n))
-
-    # ----------------------------------------------------------------- queries
-
-    def answer(self, kinds: np.ndarray, given: np.ndarray, do: np.ndarray, factual: np.ndarray,
-               factual_images: np.ndarray, keys: np.ndarray) -> Answer:
-        """Answer m sample rows at once (arrays per sample row, -1 = absent).
-
-        kinds: (m,) str of condition | intervene | counterfactual; given, do, factual: (m, 5);
-        factual_images: (m, 4096) uint8 (rows that are not counterfactual: ignored); keys: (m,)
-        row keys. Rows must be valid (see cvae.queries).
-        """
-        m = len(kinds)
-        is_cf = kinds == "counterfactual"
-        # All rows of one kind (the usual bulk case): slices instead of gathers and scatters.
-        cf = slice(None) if is_cf.all() else np.flatnonzero(is_cf)
-        fwd = np.flatnonzero(~is_cf)
-
-        # condition / intervene: the non-intervened factors from the exact (mutilated) posterior.
-        known = np.zeros((m, len(FACTORS)), dtype=np.int64)
-        if len(fwd):
-            u = uniforms(keys[fwd], STREAM_POSTERIOR, len(FACTORS))
-            known[fwd] = self.factors.sample_posterior(given[fwd], do[fwd], u)
-        u_z = torch.as_tensor(_normals(uniforms(keys, STREAM_Z, self.z_dim)), dtype=torch.float32)
-        u_x = torch.as_tensor(uniforms(keys, STREAM_PIXELS, NUM_PIXELS))
-
-        # counterfactual abduction: Gumbels exactly, z from q(z | x, y), U_x given the pixels.
-        noise = {f: np.zeros((m, FACTOR_SIZES[f])) for f in FACTORS}
-        if is_cf.any():
-            for f, g in self.factors.abduct_gumbels(factual[cf], keys[cf]).items():
-                noise[f][cf] = g
-            images = torch.as_tensor(factual_images[cf])
-            y = torch.as_tensor(factual[cf])
-            z = self._abduct_z(images.float(), y, u_z[cf])
-            u_z[cf] = z
-            p = self.pixel_probs(z, y).cpu()
-            v = u_x[cf]
-            # x = 1 -> U = p v in (0, p); x = 0 -> U = p + (1 - p) v in [p, 1): the same p gives back
-            # x exactly (p v < p in float64 for every v the generator makes, as v <= 1 - 2^-33,
-            # and p > 0). Computed in place: these are (m, 4096) float64 arrays.
-            below = p * v
-            above = (1 - p).mul_(v).add_(p)
-            u_x[cf] = torch.where(images > 0, below, above, out=above)
-
-        # Factors: one run of the factor model per intervention pattern (Pyro's do fixes a
-        # site for every row of a run).
-        classes = torch.zeros(m, len(FACTORS), dtype=torch.long)
-        patterns, inverse = np.unique(np.concatenate([do >= 0, is_cf[:, None]], axis=1), axis=0,
-                                      return_inverse=True)
-        for p, pattern in enumerate(patterns):
-            rows = np.flatnonzero(inverse.reshape(-1) == p)
-            intervened, counterfactual = pattern[:5], pattern[5]
-            if counterfactual:
-                data = {f"U_{f}": torch.as_tensor(noise[f][rows]) for f in FACTORS}
-            else:
-                data = {f: torch.as_tensor(known[rows, i]) for i, f in enumerate(FACTORS) if not intervened[i]}
-            actions = {f: torch.as_tensor(do[rows, i]) for i, f in enumerate(FACTORS) if intervened[i]}
-            run = poutine.do(poutine.condition(self.factor_model, data=data), data=actions)
-            trace = poutine.trace(run).get_trace(len(rows))
-            classes[rows] = trace.nodes["_RETURN"]["value"]
-        # Pixels: one run of the image model over all rows, its noise conditioned.
-        run = poutine.condition(self.image_model, data={"U_z": u_z, "U_x": u_x})
-        x = run(classes)
-        return Answer(classes.numpy(), x.numpy().reshape(m, IMAGE_SIZE, IMAGE_SIZE))
-
-    def most_likely_reconstruction(self, images: np.ndarray, classes: np.ndarray,
-                                   keys: np.ndarray) -> np.ndarray:
-        """The model's own composition step: z abducted from (images, classes) as a
-        counterfactual abducts it (same stream of `keys`), decoded at the same classes with
-        the most likely pixels (logit > 0, no pixel noise); (m, 64, 64) uint8."""
-        classes = torch.as_tensor(np.asarray(classes, dtype=np.int64))
-        eps = torch.as_tensor(_normals(uniforms(keys, STREAM_Z, self.z_dim)), dtype=torch.float32)
-        x = torch.as_tensor(np.asarray(images).reshape(len(classes), -1), dtype=torch.float32)
-        z = self._abduct_z(x, classes, eps)
-        (logits,) = self._net(self.vae.decode, z.to(self.device), classes.to(self.device))
-        return (logits > 0).to(torch.uint8).cpu().numpy().reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-
-    def _abduct_z(self, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        loc, scale = self._net(self.vae.encode, x.to(self.device), y.to(self.device))
-        if self.abduct_z == "mean":
-            return loc.cpu()
-        return (loc + scale * eps.to(self.device)).cpu()
-
-
-def _normals(u: np.ndarray) -> np.ndarray:
-    """Standard normals by inverse CDF of (0, 1) uniforms."""
-    return torch.special.ndtri(torch.as_tensor(u)).numpy()

@@ -1,15 +1,15 @@
 """The true image of any official grid index, from the renderer or the official file.
 
 A dataset's manifest says which: rendered and SCM-sampled datasets are drawn by
-`cvae.render`; imported ones come from the official file, read once on first use.
+`cvae.data.render`; imported ones come from the official file, read once on first use.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from cvae.data.grid import NUM_IMAGES, index_to_classes
+from cvae.data.render import RENDERER_VERSION, render
 from cvae.errors import DataError
-from cvae.grid import NUM_IMAGES, index_to_classes
-from cvae.render import RENDERER_VERSION, render
 
 
 class GroundTruth:
@@ -39,7 +39,7 @@ class GroundTruth:
         raise DataError(f"manifest: unknown generator {generator!r}")
 
     def _load(self) -> None:
-        from cvae.official import load_official
+        from cvae.data.official import load_official
 
         official = load_official(self.official_path)
         index = official.index

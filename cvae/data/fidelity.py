@@ -4,7 +4,7 @@ images of the same factor classes.
 The reference frames (`tests/data/official_frames.npz`, a copy of
 `shared/reference/official_frames.npz`) are 80 official images from the animation in the
 official dSprites README, with their factor classes; see that folder's README. They are
-what `cvae.render`'s geometry was fitted to (`benchmarks/fit_renderer.py`), so a figure on
+what `cvae.data.render`'s geometry was fitted to (`benchmarks/fit_renderer.py`), so a figure on
 them is a training figure: `fit_renderer.py --holdout` shows what half of them says about
 the other half.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cvae.evaluate import iou  # per-image IoU, the evaluation's own
-from cvae.grid import IMAGE_SIZE, SHAPE_NAMES
-from cvae.render import render
+from cvae.data.grid import IMAGE_SIZE, SHAPE_NAMES
+from cvae.data.images import iou  # per-image IoU, the evaluation's own
+from cvae.data.render import render
 
-REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "official_frames.npz"
+REFERENCE = Path(__file__).resolve().parents[2] / "tests" / "data" / "official_frames.npz"
 
 
 def load_reference(path: str | Path = REFERENCE) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, LATENT_VALUES, SHAPE_NAMES
+from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, LATENT_VALUES, SHAPE_NAMES
 
 # 2: official geometry (32/31-pixel position steps, fitted sizes and outlines); 1 (manifests
 # without a "renderer" field): whole-pixel steps and larger shapes, not dSprites.

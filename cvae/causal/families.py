@@ -11,7 +11,7 @@ row; `_families.json` beside them in the query folder says what they ask, so
 
 Measured per family and kind (`tv_table`):
 - `tv_images`: total variation between the truth and the distribution of the target as
-  the answer images read back (`cvae.readout`; an answer whose target reads back no class
+  the answer images read back (`cvae.evaluate.readout`; an answer whose target reads back no class
   puts its mass on no class, so all of it counts as error; pixel-identical classes share
   it). This is what the model's pictures show.
 - `tv_classes`: the same for the result rows' own factor columns, which come from the
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from cvae.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES
+from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES
 from cvae.rng import hash_parts
-from cvae.schema import QUERY_SCHEMA
+from cvae.serve.schema import QUERY_SCHEMA
 
 FAMILY_KINDS = ("condition", "intervene")
 FAMILIES_FILE = "_families.json"

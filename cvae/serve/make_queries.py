@@ -47,11 +47,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cvae import fs
-from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes, rule_mask
+from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes, rule_mask
 from cvae.rng import hash_parts
-from cvae.schema import QUERY_SCHEMA
+from cvae.serve.schema import QUERY_SCHEMA
 
-SPLITS = ("train", "validation", "test", "holdout")  # cvae.shards.SPLITS
+SPLITS = ("train", "validation", "test", "holdout")  # cvae.data.shards.SPLITS
 VALUE_MODES = ("all", "other", "random_other", "factual")
 # Rows built per chunk: bounds memory independently of the size of the set.
 CHUNK_ROWS = 262_144
@@ -227,7 +227,7 @@ def value_classes(sources: dict, data_dir: str | Path | None = None) -> dict[str
     """The classes `all`, `other` and `random_other` range over, per factor: those of the
     sources' grid (see the module docstring)."""
     if "split" in sources:
-        from cvae.shards import MANIFEST, read_manifest
+        from cvae.data.shards import MANIFEST, read_manifest
 
         with fs.staged(_split_data(sources, data_dir), only=[MANIFEST]) as local:
             strides = read_manifest(local)["grid"]["strides"]
@@ -242,7 +242,7 @@ def split_indices(data_dir: str | Path, split: str) -> np.ndarray:
     Reads only the `index` dataset of that split's shards; a URI stages just those
     shards and the manifest.
     """
-    from cvae.shards import MANIFEST, check_file, open_shard, read_manifest, split_shards
+    from cvae.data.shards import MANIFEST, check_file, open_shard, read_manifest, split_shards
 
     with fs.staged(data_dir, only=[MANIFEST]) as local:
         entries = split_shards(read_manifest(local), split)

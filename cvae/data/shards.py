@@ -23,8 +23,7 @@ import h5py
 import numpy as np
 
 from cvae.config import Config, ConfigError
-from cvae.errors import DataError
-from cvae.grid import (
+from cvae.data.grid import (
     FACTORS,
     IMAGE_SIZE,
     LATENT_SIZES,
@@ -34,7 +33,8 @@ from cvae.grid import (
     factor_classes,
     rule_mask,
 )
-from cvae.render import RENDERER_VERSION, check_classes, render
+from cvae.data.render import RENDERER_VERSION, check_classes, render
+from cvae.errors import DataError
 
 __all__ = ["DataError", "write_dataset", "read_manifest", "verify_dataset", "split_shards",
            "open_shard", "shard_name", "holdout_mask", "split_rows", "MANIFEST", "SPLITS"]
@@ -138,7 +138,7 @@ def generate(config: Config) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if data.generator == "render":
         return factor_classes(data.strides), None, {"official_path": None}
     if data.generator == "import":
-        from cvae.official import load_official
+        from cvae.data.official import load_official
 
         official = load_official(data.official_path)
         keep = _strided(official.classes[:, 1:], data.strides)
@@ -148,7 +148,7 @@ def generate(config: Config) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if data.generator == "scm":
         if data.scm_samples <= 0:
             raise ConfigError("config.data.scm_samples: must be > 0 when data.generator is 'scm'")
-        from cvae.scm import FactorSCM  # another module's; only needed for this generator
+        from cvae.causal.factors import FactorSCM  # another module's; only needed for this generator
 
         try:
             scm = FactorSCM.from_config(config.scm)

@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.nn import functional as F
 
-from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
+from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
 
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 LABEL_DIM = sum(FACTOR_SIZES.values())  # 113

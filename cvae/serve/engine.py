@@ -14,7 +14,7 @@ Output layout and commit protocol (docs/queries.md):
     out/results/part-*.parquet   RESULT_SCHEMA rows, one per sample
     out/errors/part-*.parquet    ERROR_SCHEMA rows, one per bad query
     out/_SUCCESS.json            the run's summary and the list of committed files, written last
-    out/_LEASE.json              while a job runs: its lease on the folder (cvae.lease)
+    out/_LEASE.json              while a job runs: its lease on the folder (cvae.serve.lease)
 A job first takes the folder's lease, so a second job into the same folder refuses
 (OutputBusyError) instead of deleting the first one's staged files. Write tasks write into
 out/_staging-<run id>/ (a name Parquet readers skip) through the output's filesystem, so
@@ -49,21 +49,15 @@ from ray.data import Datasink
 from cvae import fs as cfs
 from cvae.config import ConfigError
 from cvae.errors import OutputLocationError
-from cvae.lease import OutputLease
 from cvae.localray import init_ray
-from cvae.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
+from cvae.serve.lease import OutputLease
+from cvae.serve.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
 
 # One table type flows from the actors to the sink: result rows and error rows side by side,
 # told apart by `error` (null on result rows).
 COMBINED_SCHEMA = pa.schema(list(RESULT_SCHEMA) + [pa.field("error", pa.string())])
 SUCCESS = "_SUCCESS.json"
 STAGING_PREFIX = "_staging-"
-
-
-def _is_input(relative: str) -> bool:
-    """A Parquet file of a query folder: not hidden, not under a '_' or '.' folder (Spark, Ray)."""
-    parts = relative.split("/")
-    return relative.endswith(".parquet") and not any(part.startswith((".", "_")) for part in parts)
 
 
 def list_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str]]:
@@ -74,10 +68,7 @@ def list_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str]]:
     except (ValueError, OSError) as exc:
         raise QuerySchemaError(f"{path}: cannot open: {exc}") from None
     if info.type == pafs.FileType.Directory:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        prefix = root.rstrip("/") + "/"
-        files = sorted(f.path for f in found
-                       if f.type == pafs.FileType.File and _is_input(f.path[len(prefix):]))
+        files = cfs.parquet_files(fs, root)
         if not files:
             raise QuerySchemaError(f"{path}: no .parquet files in this folder")
         return fs, files
@@ -115,8 +106,8 @@ class QueryActor:
     def __init__(self, checkpoint: str, max_samples: int, duplicate_ids: frozenset, threads: int = 1):
         import torch
 
-        from cvae.checkpoint import META, WEIGHTS
-        from cvae.scm import ImageSCM
+        from cvae.causal.image import ImageSCM
+        from cvae.model.checkpoint import META, WEIGHTS
 
         # As many matmul threads as CPUs reserved for this actor (Ray sets one otherwise).
         torch.set_num_threads(max(1, threads))
@@ -195,7 +186,7 @@ class AtomicParquetSink(Datasink):
                  started: float | None = None, lease: OutputLease | None = None):
         """`about`: fields the summary (_SUCCESS.json) carries besides the row counts;
         `started`: the job's start time, for its `seconds`; `lease`: the job's lease on the
-        folder (cvae.lease), checked before the commit. Without one, the caller guarantees
+        folder (cvae.serve.lease), checked before the commit. Without one, the caller guarantees
         that no other job writes into the folder."""
         self.fs, self.out = cfs.resolve(out_dir)
         self.out = self.out.rstrip("/")
@@ -308,16 +299,16 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
 
     Each of the three locations may be a local path or a pyarrow filesystem URI; the
     checkpoint may also be a training run folder (its best checkpoint is used, see
-    cvae.checkpoint.resolve_checkpoint). Before any Ray work the checkpoint is loaded once
+    cvae.model.checkpoint.resolve_checkpoint). Before any Ray work the checkpoint is loaded once
     (CheckpointError), the queries checked (QuerySchemaError) and the output location
     created and written to (OutputLocationError). Then uses the running Ray, else connects
     to `ray_address` (or starts a local Ray with `num_cpus`). Bad rows go to out_dir/errors.
 
-    While it runs the job holds the output folder's lease (cvae.lease; stale after
+    While it runs the job holds the output folder's lease (cvae.serve.lease; stale after
     `lease_timeout` seconds without a heartbeat, default 60 or $CVAE_LEASE_TIMEOUT_S): a
     second job into the same folder raises OutputBusyError before any Ray work.
     """
-    from cvae.checkpoint import check_checkpoint, resolve_checkpoint
+    from cvae.model.checkpoint import check_checkpoint, resolve_checkpoint
 
     started = time.time()
     # A run folder becomes its best checkpoint; a missing, corrupt or malicious checkpoint

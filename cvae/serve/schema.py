@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from cvae.grid import FACTORS
+from cvae.data.grid import FACTORS
 
 KINDS = ("condition", "intervene", "counterfactual")
 INT_COLUMNS = (["source_index"] + list(FACTORS) + [f"do_{f}" for f in FACTORS]

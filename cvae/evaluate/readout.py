@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, index_to_classes
+from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, index_to_classes
 from cvae.rng import GOLDEN, mix
 
 BUILD_CHUNK = 32768  # ground-truth images rendered (or read) at once while indexing

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from cvae.model import SupervisedVAE
+from cvae.model.networks import SupervisedVAE
 
 WEIGHTS = "model.pt"
 META = "checkpoint.json"
@@ -160,8 +160,8 @@ def check_checkpoint(path: str | Path) -> dict:
 def _check_world(path: str | Path, meta: dict) -> None:
     """The checkpoint's data must be ground truth this cvae can draw: a model trained on
     another renderer's images (an older version) is refused, naming both versions."""
+    from cvae.data.groundtruth import GroundTruth
     from cvae.errors import DataError
-    from cvae.groundtruth import GroundTruth
 
     if meta.get("manifest"):
         try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cvae.data.grid import IMAGE_SIZE, LATENT_SIZES, LATENTS, classes_to_index, classes_to_values
 from cvae.errors import DataError
-from cvae.grid import IMAGE_SIZE, LATENT_SIZES, LATENTS, classes_to_index, classes_to_values
 
 OFFICIAL_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64"
 NPZ_KEYS = ("imgs", "latents_classes", "latents_values")

@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cvae.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, index_to_classes
-from cvae.images import decode_image, encode_pngs
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, index_to_classes
+from cvae.data.images import decode_image, encode_pngs
 from cvae.rng import row_keys, seed_from_query_id
-from cvae.schema import ERROR_SCHEMA, INT_COLUMNS, KINDS, QUERY_SCHEMA, RESULT_SCHEMA  # noqa: F401 (re-exported)
-from cvae.scm import ImageSCM
+from cvae.serve.schema import ERROR_SCHEMA, INT_COLUMNS, KINDS, QUERY_SCHEMA, RESULT_SCHEMA  # noqa: F401 (re-exported)
 
 REQUIRED = ("query_id", "kind")
 # Sample rows answered at once: bounds memory (4096 float64 pixel uniforms per row).

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvae.data.grid import IMAGE_SIZE
+from cvae.data.shards import check_file, open_shard, read_manifest, split_shards
 from cvae.errors import DataError
-from cvae.grid import IMAGE_SIZE
-from cvae.shards import check_file, open_shard, read_manifest, split_shards
 
 
 @dataclass

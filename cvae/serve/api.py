@@ -8,7 +8,7 @@
     xs = m.condition(given={"shape": "square"}, num_samples=8, seed=0)
 
 Contract: every call builds one row in the query schema (`query_table`, the row `jobs.query`
-reads from Parquet) and answers it with `cvae.queries.answer_queries`, the query job's own
+reads from Parquet) and answers it with `cvae.serve.queries.answer_queries`, the query job's own
 function, on the checkpoint's `ImageSCM`. So the API answers exactly as the query job does
 for the same row and checkpoint, and an error row of the job is a ValueError here, with the
 job's error text.
@@ -16,7 +16,7 @@ job's error text.
 Factor values (in `do`, `given` and `factors`), keyed by the factor names of the query
 schema (shape, scale, orientation, pos_x, pos_y):
 - a class number, an int (numpy ints too): shape 0..2, scale 0..5, orientation 0..39, pos 0..31;
-- for shape, its name: "square", "ellipse", "heart" (`cvae.grid.SHAPE_NAMES`, any case);
+- for shape, its name: "square", "ellipse", "heart" (`cvae.data.grid.SHAPE_NAMES`, any case);
 - `Value(v)`: the official latent value, taken to the nearest class (ties to the lower one):
   scale 0.5..1.0, orientation in radians 0..2pi, pos_x and pos_y 0..1, shape 1..3. A plain
   float is refused, so `{"scale": 1}` (class 1) and `{"scale": Value(1.0)}` (class 5) never mix.
@@ -25,7 +25,7 @@ ValueError naming the factor and the value.
 
 query_id and seed (what makes a call reproducible):
 - `seed=None` leaves the row's seed null, so, as in the job, the seed is derived from the
-  query_id (`cvae.scm.seed_from_query_id`): the same call gives the same images every time.
+  query_id (`cvae.rng.seed_from_query_id`): the same call gives the same images every time.
   Pass different seeds for fresh draws.
 - The query_id is, unless given, the query's canonical text: the kind, then each non-null
   column of the row as `name=value` in query-schema order, space-separated, classes as
@@ -54,10 +54,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cvae.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, LATENT_VALUES, SHAPE_NAMES
-from cvae.images import decode_image
-from cvae.queries import KINDS, QUERY_SCHEMA, answer_queries
-from cvae.scm import ImageSCM
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, LATENT_VALUES, SHAPE_NAMES
+from cvae.data.images import decode_image
+from cvae.serve.queries import KINDS, QUERY_SCHEMA, answer_queries
 
 __all__ = ["CausalModel", "Value", "query_table"]
 
@@ -101,7 +101,7 @@ def factor_class(factor: str, value: Any, where: str = "factor") -> int:
         return SHAPE_NAMES.index(name)
     if isinstance(value, (float, np.floating)):
         raise ValueError(f"{where}: {factor}={value!r} is a float; give a class number 0..{size - 1}, or the "
-                         f"official value as cvae.api.Value({value!r})")
+                         f"official value as cvae.serve.api.Value({value!r})")
     raise ValueError(f"{where}: {factor}={value!r}: expected a class number, a shape name or Value(...), "
                      f"got {type(value).__name__}")
 
@@ -198,11 +198,11 @@ class CausalModel:
     def load(cls, path: str | Path, device: str | None = None,
              say: Callable[[str], None] | None = None) -> CausalModel:
         """Load one checkpoint folder, or a training run folder's best checkpoint (lowest
-        validation loss, else test loss, else the latest epoch; `cvae.checkpoint.resolve_checkpoint`,
+        validation loss, else test loss, else the latest epoch; `cvae.model.checkpoint.resolve_checkpoint`,
         which says which through `say`, by default one line on stderr). Local paths or URIs.
         Raises CheckpointError (a ValueError) naming the path for anything that is not one."""
         from cvae import fs
-        from cvae.checkpoint import META, WEIGHTS, resolve_checkpoint
+        from cvae.model.checkpoint import META, WEIGHTS, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(path, say=say)
         # A URI is copied to a local temporary folder for the load, as the query actors do.

@@ -1,0 +1,2 @@
+"""Stage 2, the model: the supervised VAE's networks, its checkpoints, and data-parallel
+training with Ray Train (networks -> checkpoint -> train)."""

@@ -1,0 +1,3 @@
+"""Stage 4, answering queries: the Parquet schemas, `answer_queries` (pure, no Ray), the Ray
+Data engine that runs it on an actor pool, bulk query sets, the output lease, and the
+Python API for notebooks (`cvae.CausalModel`)."""
