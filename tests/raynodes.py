@@ -167,7 +167,10 @@ class RayNodes:
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
             f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 200}",
-            f"--num-cpus={num_cpus}", f"--temp-dir={self.root / 'ray'}", "--disable-usage-stats",
+            # Its own temp dir per node, as on separate machines: nodes sharing one share their
+            # runtime_resources, where one node's agent can delete a job's working_dir that
+            # another node's driver is still importing from.
+            f"--num-cpus={num_cpus}", f"--temp-dir={self.root / node}", "--disable-usage-stats",
         ]
         name, value = self.marker(node).decode().split("=", 1)
         self.nodes.append(node)
