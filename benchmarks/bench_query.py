@@ -13,9 +13,11 @@ checkpoint (speed does not depend on the weights):
   the steady rate without start-up, measured as the marginal rate between that run and a
   run of --small queries: (N - n) / (T(N) - T(n)), the fixed start-up cost cancels out;
 each next to the roof: the FLOPs a counterfactual needs (one encoder pass, two decoder
-passes: abduction of U_x and prediction; counted by torch's FlopCounterMode) divided by the
-float32 matmul FLOP/s torch reaches here on all cores. Convolutions reach less of that
-matmul rate than the mlp's matmuls, so conv models sit lower against this roof. The machine
+passes: abduction of U_x and prediction; counted by torch's FlopCounterMode), split into
+matmuls and convolutions, each at the FLOP/s torch reaches here on all cores for that kind
+(a 1024x1024 matmul; the decoders' largest transposed convolution at 256 rows): the roof is
+the rate at which both kinds would run at those speeds. Beside it, the networks alone
+(the same three passes at the engine's 256-row chunk, nothing around them). The machine
 may be shared, so the roof is measured right before and right after each timed phase and
 the phase is compared with the mean of the two.
 
@@ -36,6 +38,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -58,16 +61,69 @@ def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def counterfactual_flops(model: SupervisedVAE, rows: int = 256) -> float:
-    """FLOPs of one counterfactual: an encoder pass and two decoder passes."""
+def conv_flops(seconds: float = 2.0, rows: int = 256) -> float:
+    """FLOP/s of the conv and sprite decoders' largest layer (a 4x4 stride-2 transposed
+    convolution of 32 channels, 24x24 -> 48x48, channels-last, as the networks run it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    layer = torch.nn.ConvTranspose2d(32, 32, 4, 2, 1)
+    h = torch.randn(rows, 32, 24, 24).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            layer(h)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            layer(h)
+            count += 1
+    return counter.get_total_flops() * count / (time.perf_counter() - start)
+
+
+@dataclass
+class Roof:
+    """A counterfactual's FLOPs by kind of operation, and the rates this machine reaches for
+    each kind: the roof is the queries/s at which both kinds run at their measured rates."""
+
+    matmul_flops: float  # per query: linear layers (and any other non-convolution op)
+    conv_flops: float  # per query: convolutions and transposed convolutions
+
+    @classmethod
+    def of(cls, model: SupervisedVAE, rows: int = 256) -> Roof:
+        """An encoder pass and two decoder passes, counted by torch's FlopCounterMode."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x, y = torch.zeros(rows, NUM_PIXELS), torch.zeros(rows, 5, dtype=torch.long)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            loc, _ = model.encode(x, y)
+            model.decode(loc, y)
+            model.decode(loc, y)
+        conv = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "conv" in str(op))
+        return cls((counter.get_total_flops() - conv) / rows, conv / rows)
+
+    @property
+    def per_query(self) -> float:
+        return self.matmul_flops + self.conv_flops
+
+    def rates(self, seconds: float = 1.0) -> tuple[float, float]:
+        """(matmul, conv) FLOP/s measured now (conv only when the model has convolutions)."""
+        return matmul_flops(seconds), conv_flops(seconds) if self.conv_flops else 0.0
+
+    def queries_per_s(self, rates: tuple[float, float]) -> float:
+        matmul, conv = rates
+        return 1 / (self.matmul_flops / matmul + (self.conv_flops / conv if self.conv_flops else 0.0))
+
+
+def network_rate(model: SupervisedVAE, seconds: float = 3.0, rows: int = 256) -> float:
+    """Counterfactuals/s of the networks alone (encoder + two decoder passes) at the engine's
+    chunk of rows: what answer_queries could reach if everything around them were free."""
     x, y = torch.zeros(rows, NUM_PIXELS), torch.zeros(rows, 5, dtype=torch.long)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        loc, _ = model.encode(x, y)
-        model.decode(loc, y)
-        model.decode(loc, y)
-    return counter.get_total_flops() / rows
+    with torch.no_grad():
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            loc, _ = model.encode(x, y)
+            model.decode(loc, y)
+            model.decode(loc, y)
+            count += rows
+    return count / (time.perf_counter() - start)
 
 
 def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_000) -> None:
@@ -160,24 +216,39 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_query_"))
     figures = {}
-    per_query = counterfactual_flops(SupervisedVAE(args.arch, 50, 1000).eval())
-    print(f"model {args.arch} (z 50): {per_query / 1e6:.1f} MFLOP per counterfactual", flush=True)
+    model = SupervisedVAE(args.arch, 50, 1000).eval()
+    roof = Roof.of(model)
+    per_query = roof.per_query
+    print(f"model {args.arch} (z 50): {per_query / 1e6:.1f} MFLOP per counterfactual "
+          f"({roof.matmul_flops / 1e6:.1f} in matmuls, {roof.conv_flops / 1e6:.1f} in convolutions)", flush=True)
     figures["flops_per_query_m"] = per_query / 1e6
+    figures["conv_flops_per_query_m"] = roof.conv_flops / 1e6
 
     def timed(name: str, queries: int, fn) -> float:
         """Run fn, return queries/s; record it next to the roof measured around it."""
-        before = matmul_flops(1.0)
+        before = roof.rates()
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start
-        roof = (before + matmul_flops(1.0)) / 2 / per_query
+        after = roof.rates()
+        ceiling = (roof.queries_per_s(before) + roof.queries_per_s(after)) / 2
+        matmul, conv = ((a + b) / 2 for a, b in zip(before, after))
         qps = queries / seconds
-        figures.update({f"{name}_qps": qps, f"{name}_roof_qps": roof, f"{name}_of_roof": qps / roof,
-                        f"{name}_seconds": seconds})
-        print(f"{name}: {queries} queries in {seconds:.1f} s = {qps:.0f} queries/s = {100 * qps / roof:.0f}% "
-              f"of roof ({roof:.0f} queries/s = {roof * per_query / 1e9:.1f} GFLOP/s / "
-              f"{per_query / 1e6:.1f} MFLOP)", flush=True)
+        figures.update({f"{name}_qps": qps, f"{name}_roof_qps": ceiling, f"{name}_of_roof": qps / ceiling,
+                        f"{name}_seconds": seconds, f"{name}_matmul_gflops": matmul / 1e9,
+                        f"{name}_conv_gflops": conv / 1e9})
+        rates = f"matmul {matmul / 1e9:.1f}" + (f", conv {conv / 1e9:.1f}" if conv else "")
+        print(f"{name}: {queries} queries in {seconds:.1f} s = {qps:.0f} queries/s = {100 * qps / ceiling:.0f}% "
+              f"of roof ({ceiling:.0f} queries/s: {per_query / 1e6:.1f} MFLOP at {rates} GFLOP/s)", flush=True)
         return seconds
+
+    before = roof.rates()
+    network = network_rate(model)
+    network_roof = (roof.queries_per_s(before) + roof.queries_per_s(roof.rates())) / 2
+    figures.update({"network_alone_qps": network, "network_alone_of_roof": network / network_roof})
+    print(f"network alone (encoder + 2 decoder passes, 256 rows, no answer around it): "
+          f"{network:.0f} counterfactuals/s = {100 * network / network_roof:.0f}% of roof "
+          f"({network_roof:.0f})", flush=True)
 
     ckpt = checkpoint(work / "ckpt", 50, 1000, args.arch)
     scm = ImageSCM.from_checkpoint(ckpt, device="cpu")

@@ -98,6 +98,9 @@ class ModelConfig:
         _positive(self.hidden, f"{where}.hidden")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     num_workers: int = 2  # 0 runs Ray Train's local mode (in-process)
@@ -107,6 +110,15 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 10
     lr: float = 1e-3
+    # "constant", or "cosine": lr falls along a half cosine over the run's steps to
+    # lr / 100 at the last one (a function of the step and train.epochs alone, so a resumed
+    # run follows it; resuming with more epochs lays the curve over the new total, so lr
+    # rises again where the run resumes).
+    lr_schedule: str = "constant"
+    # Batches whose gradients are summed before each Adam step (DDP all-reduces once per
+    # step): k batches of batch_size train like one batch k times larger, with k times
+    # fewer all-reduces, which is what several CPU workers sharing a machine pay most for.
+    accumulate: int = 1
     eval_every: int = 1
     keep_checkpoints: int = 3
     max_failures: int = 2
@@ -117,10 +129,13 @@ class TrainConfig:
         if self.num_workers < 0:
             raise ConfigError(f"{where}.num_workers: must be >= 0 (0 runs local mode)")
         for key in ("cpus_per_worker", "threads_per_worker", "batch_size", "epochs",
-                    "eval_every", "keep_checkpoints", "shuffle_buffer"):
+                    "eval_every", "keep_checkpoints", "shuffle_buffer", "accumulate"):
             _positive(getattr(self, key), f"{where}.{key}")
         if not self.lr > 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{where}.lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: must be >= -1 (-1: retry forever)")
         if self.max_steps_per_epoch < 0:

@@ -10,9 +10,9 @@ import torch
 from cvae.config import load_config
 from cvae.data.reader import load_split
 from cvae.data.shards import split_shards, write_dataset
-from cvae.model.checkpoint import load_checkpoint, load_meta
+from cvae.model.checkpoint import load_checkpoint, load_meta, load_optimizer_state
 from cvae.model.networks import SupervisedVAE
-from cvae.model.train import reconstruct, run_training
+from cvae.model.train import learning_rate, reconstruct, run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -85,6 +85,36 @@ def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
     # Local mode resumes too: a rerun with the same name and more epochs continues.
     again = run_training(tiny_config(num_workers=0, epochs=4), tiny_data, tmp_path, run_name="local")
     assert [(r["epoch"], r["attempt"]) for r in again.history] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+
+
+def test_the_cosine_schedule_falls_from_lr_to_a_hundredth_and_training_follows_it(tiny_data, tmp_path):
+    cosine, constant = tiny_config(lr_schedule="cosine").train, tiny_config().train
+    rates = [learning_rate(cosine, step, 6) for step in range(6)]
+    assert rates[0] == cosine.lr and rates[-1] == pytest.approx(cosine.lr / 100)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert {learning_rate(constant, step, 6) for step in range(6)} == {constant.lr}
+
+    # Two epochs of three steps: the optimizer saved after each epoch holds the lr of that
+    # epoch's last step (steps 2 and 5 of 6).
+    config = tiny_config(num_workers=0, epochs=2, max_steps_per_epoch=3, lr_schedule="cosine")
+    result = run_training(config, tiny_data, tmp_path, run_name="cosine")
+    for epoch, step in ((1, 2), (2, 5)):
+        state = load_optimizer_state(Path(result.run_dir) / f"checkpoint_epoch_{epoch:05d}")
+        assert state["param_groups"][0]["lr"] == pytest.approx(rates[step]), epoch
+
+
+def test_accumulating_batches_takes_one_adam_step_per_k_batches(tiny_data, tmp_path):
+    """Seven batches with accumulate 2: Adam steps after batches 2, 4, 6 and, at the end of
+    the epoch, 7; the weights still move and the loss stays finite."""
+    steps = {}
+    for accumulate in (1, 2):
+        config = tiny_config(num_workers=0, epochs=1, batch_size=16, accumulate=accumulate,
+                             max_steps_per_epoch=7, eval_every=5)
+        result = run_training(config, tiny_data, tmp_path / str(accumulate), run_name="acc")
+        state = load_optimizer_state(result.latest_checkpoint)["state"]
+        steps[accumulate] = {int(s["step"]) for s in state.values()}
+        assert np.isfinite(result.history[-1]["train_loss"])
+    assert steps == {1: {7}, 2: {4}}
 
 
 @pytest.mark.parametrize("validation_fraction, best_by, best_epoch", [
@@ -167,8 +197,9 @@ def test_two_workers_train_the_sprite_model_and_its_position_maps(ray_session, t
     away from their whole-pixel starting guess, and the model learns."""
     from cvae.model.networks import translation
 
+    # accumulate 2: DDP skips the all-reduce of every other batch (no_sync) and still learns.
     config = load_config(CONFIG, {"model.arch": "sprite", "train.num_workers": 2, "train.epochs": 2,
-                                  "train.lr": 3e-3})
+                                  "train.lr": 3e-3, "train.accumulate": 2})
     result = run_training(config, tiny_data, tmp_path, run_name="sprite")
     model = check_checkpoint(result.latest_checkpoint, 2)
     assert model.spec() == {"arch": "sprite", "z_dim": 8, "hidden": 64, "learn_translation": True}

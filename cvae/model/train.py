@@ -22,6 +22,7 @@ in), so the history survives restarts and any checkpoint tells its own story.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -139,15 +140,24 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
         started = time.perf_counter()
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         steps = len(readers["train"].batch_sizes())
-        progress = EpochProgress(epoch, train.epochs, min(steps, train.max_steps_per_epoch or steps), rank)
+        steps = min(steps, train.max_steps_per_epoch or steps)
+        updates = -(-steps // train.accumulate)  # Adam steps this epoch
+        progress = EpochProgress(epoch, train.epochs, steps, rank)
         for step, batch in enumerate(_capped(readers["train"].epoch(epoch), train.max_steps_per_epoch)):
             if step_hook is not None:
                 step_hook(epoch, step, rank, loop_config["run_dir"])
             x, y = _to_model(batch, device)
-            loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            # The loss is a sum over images, so summed gradients are those of one larger batch.
+            last = (step + 1) % train.accumulate == 0 or step + 1 == steps
+            with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+                loss = model(x, y)
+                loss.backward()
+            if last:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(train, (epoch - 1) * updates + step // train.accumulate,
+                                                train.epochs * updates)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             total += loss.detach().double()
             count += len(x)
             progress.update(step, count, total)
@@ -166,6 +176,16 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
                     record[f"{split}_loss"] = _evaluate(model, readers[split], device)
         history = history + [record]
         _report(loop_config, config, model, optimizer, record, history, rank)
+
+
+def learning_rate(train, step: int, total_steps: int) -> float:
+    """The lr at a global step: train.lr throughout, or a half cosine from train.lr down to
+    train.lr / 100 at the last step."""
+    if train.lr_schedule == "constant":
+        return train.lr
+    final = train.lr / 100
+    done = min(step / max(total_steps - 1, 1), 1.0)
+    return final + 0.5 * (train.lr - final) * (1 + math.cos(math.pi * done))
 
 
 def _model_and_optimizer(loop_config: dict, config: Config):
