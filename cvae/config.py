@@ -133,9 +133,7 @@ class TrainConfig:
             _positive(getattr(self, key), f"{where}.{key}")
         if not self.lr > 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"{where}.lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, "
-                              f"got {self.lr_schedule!r}")
+        _one_of(self.lr_schedule, LR_SCHEDULES, f"{where}.lr_schedule")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures: must be >= -1 (-1: retry forever)")
         if self.max_steps_per_epoch < 0:
