@@ -11,7 +11,9 @@ Jobs that start a local Ray leave one thing beside their output: Ray's own sessi
 moves it). Training also imports torch._dynamo (through torch.optim), whose import creates
 an empty cache folder $TMPDIR/torchinductor_<user> ($TORCHINDUCTOR_CACHE_DIR moves it); it
 must stay empty, since nothing is compiled. Nothing else, and nothing in HOME or the
-working directory.
+working directory. The renderer's machine-wide tile file ($CVAE_TILE_CACHE, by default
+$TMPDIR/cvae-<user>) is pointed at this test session's, outside the root, so the jobs
+share it instead of each drawing its own.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from cvae.data.render import tile_cache_file
 from cvae.serve.make_queries import make_queries
 from scm_fixtures import make_checkpoint
 
@@ -50,7 +53,9 @@ def _run(root: Path, out: Path, *args: str, ray: bool = False) -> None:
     tmp = Path(os.readlink(root / "tmp"))  # short: Ray's socket paths must fit in 107 bytes
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "MPLCONFIGDIR", "PYTEST", "XDG_"))}
-    env.update(HOME=str(root / "home"), TMPDIR=str(tmp), PYTHONPATH=str(REPO))
+    tiles = tile_cache_file()
+    env.update(HOME=str(root / "home"), TMPDIR=str(tmp), PYTHONPATH=str(REPO),
+               CVAE_TILE_CACHE=str(tiles.parent) if tiles else "off")
     before = {**_snapshot(root), **_snapshot(tmp)}
     done = subprocess.run([sys.executable, "-m", *args], cwd=root / "cwd", env=env,
                           capture_output=True, text=True, timeout=600)

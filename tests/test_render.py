@@ -156,3 +156,65 @@ def test_contact_sheet(tmp_path):
     path = contact_sheet(tmp_path / "sheet.png", orientations=(0, 20), positions=((31, 31),))
     assert path.stat().st_size > 5_000
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture
+def six_sprites(tmp_path, monkeypatch):
+    """A tile cache of the first six sprites only (drawn in milliseconds), its file in tmp_path."""
+    from cvae.data import render as render_module
+
+    monkeypatch.setattr(render_module, "NUM_SPRITES", 6)
+    monkeypatch.setenv("CVAE_TILE_CACHE", str(tmp_path))
+    return render_module
+
+
+def _drawn(render_module, sprite):
+    return render_module.sprite_tiles(0, 0, sprite)  # sprites 0..5: square, scale 0, orientation 0..5
+
+
+def test_sprite_tiles_are_drawn_once_and_shared_through_a_file(six_sprites):
+    first = six_sprites._TileCache()
+    tiles = first.get(np.array([1]))
+    path = six_sprites.tile_cache_file()
+    assert path.is_file() and first.ready.all()  # the first user draws them all, for every process
+    assert not list(path.parent.glob("*.tmp"))
+    later = six_sprites._TileCache()
+    drawn = []
+    later._draw = lambda sprite: drawn.append(sprite) or six_sprites._TileCache._draw(sprite)
+    shared = later.get(np.array([4]))
+    assert drawn == [5]  # a process that finds the file draws only the one sprite it checks
+    assert isinstance(shared, np.memmap) and not shared.flags.writeable
+    for s in range(6):
+        assert np.array_equal(shared[s], _drawn(six_sprites, s)) and np.array_equal(tiles[s], shared[s])
+
+
+def test_a_tile_file_that_does_not_draw_as_we_do_is_drawn_again(six_sprites):
+    path = six_sprites.tile_cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for wrong in (np.zeros((6, 31, 31, 128), np.uint8), np.zeros((2, 3), np.uint8)):
+        np.save(path, wrong)
+        tiles = six_sprites._TileCache().get(np.array([5]))
+        assert np.array_equal(tiles[5], _drawn(six_sprites, 5))
+        assert np.array_equal(np.load(path)[5], _drawn(six_sprites, 5))  # and the file is mended
+
+
+def test_without_a_usable_tile_folder_each_process_draws_its_own(six_sprites, tmp_path, monkeypatch):
+    monkeypatch.setenv("CVAE_TILE_CACHE", "off")
+    assert six_sprites.tile_cache_file() is None
+    tiles = six_sprites._TileCache().get(np.array([2]))
+    assert np.array_equal(tiles[2], _drawn(six_sprites, 2)) and not list(tmp_path.iterdir())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("CVAE_TILE_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="sprite tiles not shared through"):
+        tiles = six_sprites._TileCache().get(np.array([3]))
+    assert np.array_equal(tiles[3], _drawn(six_sprites, 3))
+
+
+def test_the_tile_file_name_changes_with_the_geometry(monkeypatch):
+    from cvae.data import render as render_module
+
+    before = render_module.tile_cache_file()
+    geometry = render_module.SHAPES["square"]
+    monkeypatch.setitem(render_module.SHAPES, "square", render_module.ShapeGeometry(10.0, 0.0, geometry.threshold + 0.01))
+    assert render_module.tile_cache_file() != before

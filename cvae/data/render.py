@@ -17,14 +17,20 @@ once on a grid of 31 x 31 points per pixel. Position centres lie on a 1/31-pixel
 every position is a whole-pixel offset of the tile plus one of 31 x 31 sub-pixel phases,
 and the coverage of every pixel at every phase is a box sum of those samples (cumulative
 sums, no geometry per image). A sprite's 961 phase tiles (32x32 pixels each, bit-packed)
-are made on first use and kept, so rendering rows of the grid is a gather and a scatter.
+are drawn once per machine into a file every process maps (`_TileCache`), so rendering
+rows of the grid is a gather and a scatter.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
+import getpass
 import hashlib
+import inspect
 import os
+import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,13 +132,18 @@ def sprite_tiles(shape: int, scale: int, orientation: int) -> np.ndarray:
 
 
 class _TileCache:
-    """Every sprite's phase tiles, made on first use (about 10 ms each) and kept: 89 MB
-    for all 720 sprites."""
+    """Every sprite's phase tiles: 89 MB for all 720 sprites, drawn in about 7 s of CPU.
+
+    Drawn once per machine and shared through a file (`tile_cache_file`) that every later
+    process maps read-only, so query actors, evaluators and data tasks start without
+    drawing. Without a usable file (none can be written, or `CVAE_TILE_CACHE=off`) each
+    process draws the sprites it needs on first use (about 10 ms each) and keeps them."""
 
     def __init__(self):
         self.tiles = np.zeros((NUM_SPRITES, PHASES, PHASES, TILE_BYTES), dtype=np.uint8)
         self.ready = np.zeros(NUM_SPRITES, dtype=bool)
         self.lock = threading.Lock()
+        self.shared_tried = False
 
     @staticmethod
     def _draw(sprite: int) -> np.ndarray:
@@ -140,17 +151,75 @@ class _TileCache:
         scale, orientation = divmod(rest, FACTOR_SIZES["orientation"])
         return sprite_tiles(shape, scale, orientation)
 
+    def _draw_into(self, tiles: np.ndarray, sprites: np.ndarray) -> None:
+        # numpy releases the GIL in the heavy steps, so threads use every core.
+        with ThreadPoolExecutor(min(len(sprites), os.cpu_count() or 1)) as pool:
+            for s, drawn in zip(sprites, pool.map(self._draw, sprites)):
+                tiles[s] = drawn
+
     def get(self, sprite: np.ndarray) -> np.ndarray:
         missing = np.unique(sprite[~self.ready[sprite]])
         if len(missing):
             with self.lock:
+                if not self.shared_tried:
+                    self.shared_tried = True
+                    self._use_shared_file()
                 missing = missing[~self.ready[missing]]
-                # numpy releases the GIL in the heavy steps, so threads use every core.
-                with ThreadPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
-                    for s, tiles in zip(missing, pool.map(self._draw, missing)):
-                        self.tiles[s] = tiles
-                self.ready[missing] = True
+                if len(missing):
+                    self._draw_into(self.tiles, missing)
+                    self.ready[missing] = True
         return self.tiles
+
+    def _use_shared_file(self) -> None:
+        path = tile_cache_file()
+        if path is None:
+            return
+        tiles = self._read(path)
+        if tiles is None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path.with_suffix(".lock"), "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # one process on the machine draws, the rest wait
+                    tiles = self._read(path)
+                    if tiles is None:
+                        tiles = np.zeros_like(self.tiles)
+                        self._draw_into(tiles, np.arange(NUM_SPRITES))
+                        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                        with open(partial, "wb") as out:
+                            np.save(out, tiles)
+                        os.replace(partial, path)  # readers only ever see a whole file
+                        tiles = self._read(path)
+            except OSError as exc:
+                warnings.warn(f"sprite tiles not shared through {path} ({exc}); drawing them in "
+                              "this process", stacklevel=3)
+                return
+        if tiles is not None:
+            self.tiles, self.ready[:] = tiles, True
+
+    def _read(self, path) -> np.ndarray | None:
+        """The file's tiles, mapped read-only, if the file is whole and draws as we do."""
+        try:
+            tiles = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if tiles.shape != self.tiles.shape or tiles.dtype != np.uint8:
+            return None
+        probe = NUM_SPRITES - 1  # a check beyond the key: one sprite drawn again must match
+        return tiles if np.array_equal(tiles[probe], self._draw(probe)) else None
+
+
+def tile_cache_file() -> Path | None:
+    """The shared tile file: in the folder $CVAE_TILE_CACHE ("off": none), by default
+    $TMPDIR/cvae-<user> (a machine-wide cache, as Ray keeps $TMPDIR/ray). Its name holds a
+    hash of the geometry and of the code that draws it, so a renderer change never reads
+    old tiles."""
+    folder = os.environ.get("CVAE_TILE_CACHE") or str(Path(tempfile.gettempdir()) / f"cvae-{getpass.getuser()}")
+    if folder.lower() == "off":
+        return None
+    code = "".join(inspect.getsource(f) for f in (_inside, _box_sums, sprite_tiles))
+    key = hashlib.sha256(repr((RENDERER_VERSION, SUB, TILE, SHAPES, _RADIUS, LATENT_VALUES["scale"].tolist(),
+                               LATENT_VALUES["orientation"].tolist(), code)).encode()).hexdigest()[:16]
+    return Path(folder) / f"sprite-tiles-{key}.npy"
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,7 +228,8 @@ def _cache() -> _TileCache:
 
 
 def warm_up() -> None:
-    """Draw every sprite's tiles now (about 10 s on two cores) rather than on first use."""
+    """Have every sprite's tiles now (read from the shared file, or drawn: about 7 s of CPU)
+    rather than on first use."""
     _cache().get(np.arange(NUM_SPRITES))
 
 
