@@ -50,7 +50,9 @@ STEPS = [
          headline=r"^  (training step|queries|alone|shard reader|bytes|N=|100M)"),
     Step("query", "counterfactuals/s in-process and end to end against the compute roof; peak memory",
          ["-m", "benchmarks.bench_query", "--memory", "100000"],
-         ["-m", "benchmarks.bench_query", "--queries", "6000", "--small", "1000", "--layouts", "2x1",
+         # 20,000 queries: the steady state is the marginal rate between two jobs, and each
+         # carries about 10 s of start-up that varies by a second or two from run to run.
+         ["-m", "benchmarks.bench_query", "--queries", "20000", "--small", "2000", "--layouts", "2x1",
           "--memory", ""],
          headline=r"^(model|network alone|in_process|end_to_end|memory)"),
     Step("train", "Ray Train against a plain PyTorch loop, per worker; reader headroom",
