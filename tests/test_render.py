@@ -215,6 +215,7 @@ def test_the_tile_file_name_changes_with_the_geometry(monkeypatch):
     from cvae.data import render as render_module
 
     before = render_module.tile_cache_file()
-    geometry = render_module.SHAPES["square"]
-    monkeypatch.setitem(render_module.SHAPES, "square", render_module.ShapeGeometry(10.0, 0.0, geometry.threshold + 0.01))
+    square = render_module.SHAPES["square"]
+    moved = render_module.ShapeGeometry(square.slope, square.offset, square.threshold + 0.01)
+    monkeypatch.setitem(render_module.SHAPES, "square", moved)
     assert render_module.tile_cache_file() != before
