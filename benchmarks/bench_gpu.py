@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.fixtures import checkpoint, counterfactual_queries, mixed_queries
+from benchmarks.fixtures import checkpoint, counterfactual_passes, counterfactual_queries, mixed_queries
 from cvae.causal.image import NET_CHUNK, ImageSCM
 from cvae.config import load_config
 from cvae.data.grid import NUM_IMAGES, index_to_classes
@@ -234,10 +234,7 @@ def network_rate(model: SupervisedVAE, rows: int, device: torch.device, seconds:
     x, y = batch(rows, device)
 
     def network():
-        with torch.no_grad():
-            loc, _ = model.encode(x, y)
-            model.decode(loc, y)
-            model.decode(loc, y)
+        counterfactual_passes(model, x, y)
 
     return rate(network, rows, device, seconds), counted_flops(network) / rows
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from benchmarks import bench_train
-from benchmarks.fixtures import checkpoint, counterfactual_queries
+from benchmarks.fixtures import checkpoint, counterfactual_passes, counterfactual_queries
 from cvae.causal.image import ImageSCM
 from cvae.config import load_config
 from cvae.data.grid import factor_classes
@@ -78,10 +78,7 @@ def query_rates(arch: str, work: Path, n: int) -> dict:
     y = torch.stack([torch.randint(0, k, (n,)) for k in (3, 6, 40, 32, 32)], 1)
 
     def network():
-        with torch.no_grad():
-            loc, _ = model.encode(x, y)
-            model.decode(loc, y)
-            model.decode(loc, y)
+        counterfactual_passes(model, x, y)
 
     images = (np.random.default_rng(0).random((n, 64, 64)) < 0.1)
     net = rate(network, n, 2)

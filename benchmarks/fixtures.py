@@ -32,6 +32,15 @@ def checkpoint(directory: Path, z: int, h: int, arch: str = "mlp") -> str:
     return str(directory)
 
 
+@torch.no_grad()
+def counterfactual_passes(model: SupervisedVAE, x: torch.Tensor, y: torch.Tensor) -> None:
+    """What the networks do for a batch of counterfactuals: one encoder pass (abduction of
+    z) and two decoder passes (abduction of the pixel noise, then prediction)."""
+    loc, _ = model.encode(x, y)
+    model.decode(loc, y)
+    model.decode(loc, y)
+
+
 def counterfactual_queries(n: int, seed: int = 0, first_id: int = 0) -> pa.Table:
     """n counterfactuals from random sources, each intervening on one random factor."""
     rng = np.random.default_rng(seed)
