@@ -46,6 +46,7 @@ import torch
 
 from benchmarks.fixtures import checkpoint, counterfactual_passes, counterfactual_queries
 from cvae.causal.image import ImageSCM
+from cvae.malloc import keep_freed_memory
 from cvae.model.networks import NUM_PIXELS, SupervisedVAE
 from cvae.serve.engine import run_query_job
 from cvae.serve.queries import answer_queries
@@ -203,12 +204,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20000, help="queries of the end-to-end run")
     parser.add_argument("--small", type=int, default=2000, help="queries of the run that measures start-up")
     parser.add_argument("--layouts", default="2x1,1x2", help="end-to-end layouts ACTORSxCPUS_PER_ACTOR")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4096, help="query.batch_size (the default config's)")
     parser.add_argument("--memory", default="100000,1000000", help="query counts for the memory figure ('' skips)")
     parser.add_argument("--object-store-mb", type=int, help="Ray's object store size (default: Ray's, 30%% of RAM)")
     args = parser.parse_args()
     import ray
 
+    # The allocator setting every ImageSCM makes (cvae.malloc): the roof, the networks alone
+    # and the engine are all measured under it, before the first SCM as after it.
+    keep_freed_memory()
     work = Path(tempfile.mkdtemp(prefix="bench_query_"))
     figures = {}
     model = SupervisedVAE(args.arch, 50, 1000).eval()

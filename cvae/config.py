@@ -182,7 +182,7 @@ class ScmConfig:
 @dataclass
 class QueryConfig:
     actors: int = 2
-    batch_size: int = 1024
+    batch_size: int = 4096
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     max_samples: int = 64  # a larger num_samples is a bad row, not a job failure

@@ -143,12 +143,40 @@ def upload(local: str | Path, dest: str | Path) -> str:
     return str(dest)
 
 
+STAGE_PREFIX = "cvae-stage-"  # + the staging process's pid + "-" + a random part
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_dead_stages(root: str | Path | None = None) -> list[Path]:
+    """Remove the staged copies left in `root` (the temp folder) by processes that died
+    without their `finally` (a killed Ray worker); returns what was removed. A copy is
+    known by its owner's pid in its name; a live owner's, or another user's, is left alone."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGE_PREFIX}*"):
+        pid = folder.name[len(STAGE_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder)
+    return removed
+
+
 @contextlib.contextmanager
 def staged(path: str | Path, only: list[str] | None = None) -> Iterator[Path]:
     """Yield a local path holding the file or directory at `path`.
 
     A plain local path is yielded as is. A URI (file:// included, so tests exercise the
-    remote path) is copied into a fresh temporary directory, removed on exit. `only`
+    remote path) is copied into a fresh temporary directory, removed on exit (and, if this
+    process is killed first, by the next `staged` on the machine: `sweep_dead_stages`). `only`
     names the files of a directory to copy (for example a manifest and some shards).
     """
     if not is_uri(path):
@@ -157,7 +185,8 @@ def staged(path: str | Path, only: list[str] | None = None) -> Iterator[Path]:
             raise FileNotFoundError(f"no such file or directory: {path}")
         yield local
         return
-    tmp = Path(tempfile.mkdtemp(prefix="cvae-stage-"))
+    sweep_dead_stages()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-"))
     try:
         name = str(path).rstrip("/").rsplit("/", 1)[-1] or "staged"
         if only is None:

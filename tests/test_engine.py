@@ -14,7 +14,7 @@ import pytest
 
 from cvae.causal.image import ImageSCM
 from cvae.config import ConfigError
-from cvae.serve.engine import SUCCESS, read_output, run_query_job
+from cvae.serve.engine import SUCCESS, block_rows, read_output, run_query_job
 from cvae.serve.queries import QuerySchemaError, answer_queries
 from scm_fixtures import causal_scm, make_checkpoint, queries
 
@@ -57,6 +57,14 @@ def test_all_kinds_parquet_to_parquet_and_independent_of_batching(ray_session, c
         assert summary["result_rows"] == want_results.num_rows and summary["error_rows"] == 9
         assert set(results.column("kind").to_pylist()) == {"condition", "intervene", "counterfactual"}
         assert not list(out.glob("_staging-*"))
+
+
+def test_small_inputs_are_split_over_every_actor():
+    assert block_rows(2000, 4096, 2) == 1000  # both actors answer, not one
+    assert block_rows(2001, 4096, 2) == 1001
+    assert block_rows(100_000, 4096, 2) == 4096  # large inputs: batch_size rows per call
+    assert block_rows(3, 4096, 8) == 1
+    assert block_rows(0, 4096, 2) == 1
 
 
 def test_duplicates_across_files_are_found(ray_session, checkpoint, tmp_path):

@@ -1,6 +1,10 @@
 """Paths and URIs through pyarrow's filesystems, tested with file:// URIs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -49,6 +53,34 @@ def test_staged_subset_and_single_file(tree):
     with fs.staged(f"file://{tree}/a.txt") as local:
         assert local.is_file() and local.read_text() == "alpha"
     assert not local.exists()
+
+
+# A process that dies inside `staged` (SIGKILL: no finally), as a killed Ray worker does.
+KILLED_WHILE_STAGED = """
+import os, signal, sys
+from cvae import fs
+with fs.staged(sys.argv[1]) as local:
+    print(local, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_process_s_staged_copy_is_removed_by_the_next_staging(tree, tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    child = subprocess.run([sys.executable, "-c", KILLED_WHILE_STAGED, f"file://{tree}"], capture_output=True,
+                           text=True, env={**os.environ, "TMPDIR": str(temp)})
+    assert child.returncode == -9
+    left = Path(child.stdout.strip())
+    assert left.exists() and left.parent.parent == temp  # the leak
+    mine = temp / f"{fs.STAGE_PREFIX}{os.getpid()}-live"  # a live process's copy: kept
+    mine.mkdir()
+    with fs.staged(f"file://{tree}") as local:
+        assert _files(local) == _files(tree)
+        assert not left.parent.exists()
+        assert mine.exists()
+    assert sorted(p.name for p in temp.iterdir()) == [mine.name]
 
 
 def test_staged_local_path_is_used_in_place(tree):

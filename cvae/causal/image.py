@@ -24,6 +24,7 @@ from pyro import poutine
 
 from cvae.causal.factors import FactorSCM, ScmError
 from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
+from cvae.malloc import keep_freed_memory
 from cvae.rng import STREAM_PIXELS, STREAM_POSTERIOR, STREAM_Z, uniforms
 
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -64,6 +65,7 @@ class ImageSCM:
         self.abduct_z = abduct_z
         self.z_dim = vae.z_dim
         self.ground_truth = ground_truth
+        keep_freed_memory()  # the answer path's big float64 temporaries (cvae.malloc)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> ImageSCM:

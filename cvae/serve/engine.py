@@ -291,7 +291,7 @@ def commit(fs: pafs.FileSystem, staging: str, out: str, summary: dict) -> None:
 
 
 def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir: str | Path,
-                  actors: int = 2, batch_size: int = 1024, gpus_per_actor: float = 0.0,
+                  actors: int = 2, batch_size: int = 4096, gpus_per_actor: float = 0.0,
                   cpus_per_actor: float = 1.0, max_samples: int = 64,
                   ray_address: str | None = None, num_cpus: int | None = None,
                   lease_timeout: float | None = None) -> dict:
@@ -329,9 +329,16 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     except ValueError as exc:
         raise OutputLocationError(f"output {out_dir}: {exc}") from None
     with lease:  # OutputBusyError while another live job writes into out_dir
-        _run(sink, checkpoint, files, fs, duplicates, actors, batch_size, gpus_per_actor, cpus_per_actor,
-             max_samples, ray_address, num_cpus)
+        _run(sink, checkpoint, files, fs, duplicates, actors, block_rows(rows, batch_size, actors), gpus_per_actor,
+             cpus_per_actor, max_samples, ray_address, num_cpus)
     return sink.summary
+
+
+def block_rows(rows: int, batch_size: int, actors: int) -> int:
+    """Query rows per actor call: batch_size, or fewer when the input is small, so every
+    actor gets a share (2,000 rows and 2 actors: two blocks of 1,000, not one of 2,000).
+    Answers do not depend on it (cvae.causal.image: fixed-size network chunks)."""
+    return max(1, min(batch_size, math.ceil(rows / max(1, actors))))
 
 
 def _run(sink: AtomicParquetSink, checkpoint: str, files: list[str], fs: pafs.FileSystem, duplicates: frozenset,
