@@ -20,6 +20,7 @@ Timings on a shared machine are noisy: the script prints what it measured, nothi
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -45,8 +46,9 @@ def ensure_data(config: Config, data_dir: Path) -> Path:
     return data_dir
 
 
-def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> float:
-    """Images/s of a plain PyTorch loop: one process, the config's threads per worker."""
+def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barrier=None) -> float:
+    """Images/s of a plain PyTorch loop: one process, the config's threads per worker.
+    With a `barrier`, the timed steps start when every loop sharing it has warmed up."""
     torch.set_num_threads(config.train.threads_per_worker)
     torch.manual_seed(config.seed)
     model = SupervisedVAE.from_config(config.model)
@@ -57,6 +59,8 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> f
     while True:
         for step, batch in enumerate(reader.epoch(epoch)):
             if step == warmup and started is None:
+                if barrier is not None:
+                    barrier.wait()
                 started, done = time.perf_counter(), 0
             x = batch.images.reshape(len(batch.images), -1).float()
             loss = model(x, batch.classes)
@@ -67,6 +71,26 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5) -> f
             if started is not None and step >= warmup + steps:
                 return done / (time.perf_counter() - started)
         epoch += 1
+
+
+def _plain_process(config: Config, data_dir: Path, steps: int, barrier, results) -> None:
+    results.put(plain_loop(config, data_dir, steps, barrier=barrier))
+
+
+def concurrent_plain_loops(config: Config, data_dir: Path, steps: int, n: int) -> list[float]:
+    """Images/s of each of n plain loops timed at once in n processes (no Ray, no DDP, no
+    gradients exchanged): what this machine gives n independent trainings side by side,
+    the control for the n-worker figure (shared cores, caches, memory bandwidth, clocks)."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(n), context.Queue()
+    processes = [context.Process(target=_plain_process, args=(config, data_dir, steps, barrier, results))
+                 for _ in range(n)]
+    for p in processes:
+        p.start()
+    rates = [results.get() for _ in processes]
+    for p in processes:
+        p.join()
+    return rates
 
 
 def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int,
@@ -131,6 +155,9 @@ def speed(config: Config, data_dir: Path, out: Path, steps: int, accumulate: int
         summed = ray_train_rate(config, data_dir, out, t.num_workers, steps, accumulate)
         print(f"Ray Train, {t.num_workers} workers, accumulate {accumulate}: {summed:8.0f} images/s "
               f"per worker (one all-reduce per {accumulate} batches)", flush=True)
+        side_by_side = statistics.mean(concurrent_plain_loops(config, data_dir, steps, t.num_workers))
+        print(f"plain loops, {t.num_workers} at once:   {side_by_side:8.0f} images/s per loop "
+              "(separate processes: no Ray, no DDP)", flush=True)
     plain = statistics.mean([plain_before, plain_after])
     rate = reader_rate(config, data_dir)
     print(f"reader alone:               {rate:8.0f} images/s", flush=True)
@@ -141,6 +168,11 @@ def speed(config: Config, data_dir: Path, out: Path, steps: int, accumulate: int
               f"accumulating {accumulate} batches: {summed / one:.2f}  (target >= 0.8)")
         print(f"  Ray Train / plain loop, per worker with {t.num_workers} workers: {many / plain:.2f}, "
               f"accumulating {accumulate} batches: {summed / plain:.2f}")
+        print(f"  what the machine leaves: per loop with {t.num_workers} plain loops at once / 1 plain loop: "
+              f"{side_by_side / plain:.2f}")
+        print(f"  what is ours: per worker with {t.num_workers} workers / per loop with {t.num_workers} plain "
+              f"loops at once: {many / side_by_side:.2f}, accumulating {accumulate} batches: "
+              f"{summed / side_by_side:.2f}")
     print(f"  reader / training consumption: {rate / plain:.1f}x  (target >= 10)")
 
 

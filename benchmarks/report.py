@@ -58,7 +58,7 @@ STEPS = [
     Step("train", "Ray Train against a plain PyTorch loop, per worker; reader headroom",
          ["benchmarks/bench_train.py", "--steps", "40"],
          ["benchmarks/bench_train.py", "--steps", "30"],
-         headline=r"^(model|plain loop|Ray Train|reader alone|  Ray Train|  per worker|  reader)"),
+         headline=r"^(model|plain loop|Ray Train|reader alone|  Ray Train|  per worker|  what|  reader)"),
     Step("fidelity", "the renderer against official dSprites frames",
          ["-m", "benchmarks.bench_fidelity"],
          headline=r"^(shape|all|heart|ellipse|square|\s*\|)"),
