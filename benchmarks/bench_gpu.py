@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.fixtures import checkpoint, counterfactual_passes, counterfactual_queries, mixed_queries
+from benchmarks.fixtures import at_once, checkpoint, counterfactual_passes, counterfactual_queries, mixed_queries
 from cvae.causal.image import NET_CHUNK, ImageSCM
 from cvae.config import load_config
 from cvae.data.grid import NUM_IMAGES, index_to_classes
@@ -331,22 +331,12 @@ def _actor(ckpt: str, device: str, threads: int, rows: int, calls: int, barrier,
 def shared_gpu_rates(ckpt: str, device: torch.device, layouts: list[int], rows: int, calls: int) -> None:
     """Counterfactuals/s of N actor processes sharing one GPU (`query.gpus_per_actor: 1/N`),
     each with its share of the CPUs as torch threads (`query.cpus_per_actor`)."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     cpus = os.cpu_count() or 1
     print(f"\nN actor processes sharing one {device.type.upper()} ({cpus} CPUs split between them), "
           f"each answering {calls} x {rows:,} counterfactuals after a warm-up")
     for n in layouts:
-        barrier, results = context.Barrier(n), context.Queue()
         threads = max(1, cpus // n)
-        procs = [context.Process(target=_actor, args=(ckpt, str(device), threads, rows, calls, barrier, results))
-                 for _ in range(n)]
-        for proc in procs:
-            proc.start()
-        times = [results.get() for _ in procs]
-        for proc in procs:
-            proc.join()
+        times = at_once(_actor, (ckpt, str(device), threads, rows, calls), n)
         total = n * calls * rows / max(times)
         print(f"  {n} actor(s) of {threads} thread(s): {total:,.0f}/s in all, {total / n:,.0f}/s each", flush=True)
 

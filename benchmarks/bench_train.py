@@ -20,7 +20,6 @@ Timings on a shared machine are noisy: the script prints what it measured, nothi
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.fixtures import at_once  # noqa: E402
 from cvae.config import Config, load_config  # noqa: E402
 from cvae.data.reader import ShardReader  # noqa: E402
 from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
@@ -81,16 +81,7 @@ def concurrent_plain_loops(config: Config, data_dir: Path, steps: int, n: int) -
     """Images/s of each of n plain loops timed at once in n processes (no Ray, no DDP, no
     gradients exchanged): what this machine gives n independent trainings side by side,
     the control for the n-worker figure (shared cores, caches, memory bandwidth, clocks)."""
-    context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(n), context.Queue()
-    processes = [context.Process(target=_plain_process, args=(config, data_dir, steps, barrier, results))
-                 for _ in range(n)]
-    for p in processes:
-        p.start()
-    rates = [results.get() for _ in processes]
-    for p in processes:
-        p.join()
-    return rates
+    return at_once(_plain_process, (config, data_dir, steps), n)
 
 
 def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int,

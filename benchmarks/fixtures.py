@@ -6,6 +6,7 @@ untrained checkpoint of the right shape is enough.
 """
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,18 @@ def mixed_queries(n: int, seed: int = 0) -> pa.Table:
         columns[f"do_{name}"] = pa.array(values, mask=(factor != j) | (kinds == "condition"))
         columns[f"given_{name}"] = pa.array(values, mask=(factor != j) | (kinds != "condition"))
     return pa.table(columns)
+
+
+def at_once(target, args: tuple, n: int) -> list:
+    """Run target(*args, barrier, results) in n spawned processes at once (spawn: CUDA cannot
+    be forked) and return what each put on `results`; the barrier lets them start their
+    timed part together."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(n), context.Queue()
+    processes = [context.Process(target=target, args=(*args, barrier, results)) for _ in range(n)]
+    for p in processes:
+        p.start()
+    values = [results.get() for _ in processes]
+    for p in processes:
+        p.join()
+    return values
