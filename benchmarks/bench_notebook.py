@@ -1,7 +1,7 @@
 """The original notebook's counterfactual method next to ours, on the same queries, in one run.
 
     python -m benchmarks.bench_notebook [--checkpoint runs/bench-mlp/train] [--data runs/bench-mlp/data]
-                                        [--queries 50] [--steps 1500] [--bulk 20000] [--no-end-to-end]
+                                        [--queries 50] [--steps 1500] [--bulk 100000] [--no-end-to-end]
                                         [--notebook-threads N] [--out benchmarks/results/notebook]
 
 Issue 14, section 1. The original notebook is `causal_vae_dsprites_Counterfactual.ipynb` of
@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/bench-mlp.yaml", help="query settings for the end-to-end runs")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--steps", type=int, default=1500, help="SVI steps per query (the notebook: 1500)")
-    parser.add_argument("--bulk", type=int, default=20000, help="rows of our bulk runs (0 skips them)")
+    parser.add_argument("--bulk", type=int, default=100000, help="rows of our bulk runs (0 skips them)")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the jobs.query runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--notebook-threads", type=int, default=0,

@@ -86,7 +86,6 @@ def query_rates(arch: str, work: Path, n: int) -> dict:
     ckpt = checkpoint(work / "ckpt", 50, 1000, arch)
     scm = ImageSCM.from_checkpoint(ckpt, device="cpu")
     table = counterfactual_queries(n)
-    results = {}
     answers, errors = answer_queries(scm, table)
     assert errors.num_rows == 0 and answers.num_rows == n
     images = np.stack([decode_image(b) for b in answers.column("image").to_pylist()])
@@ -98,7 +97,7 @@ def query_rates(arch: str, work: Path, n: int) -> dict:
         for i in range(0, n, NET_CHUNK):
             counterfactual_passes(model, x[i:i + NET_CHUNK], y[i:i + NET_CHUNK])
 
-    rates = best_rates({"total": lambda: results.update(out=answer_queries(scm, table)), "network": network,
+    rates = best_rates({"total": lambda: answer_queries(scm, table), "network": network,
                         "png": lambda: encode_pngs(images)}, n)
     total, net, png = rates["total"], rates["network"], rates["png"]
     pq.write_table(table, work / "queries.parquet")
