@@ -255,13 +255,12 @@ class Config:
             if train_cpus > self.num_cpus:
                 raise ConfigError(f"{where}.num_cpus: {self.num_cpus} CPUs cannot hold "
                                   f"train.num_workers x train.cpus_per_worker = {train_cpus:g} CPUs")
-            # The query actors must leave a CPU for Ray Data's read and write tasks, or the
-            # pipeline waits forever with every CPU held by idle actors.
+            # The query actors must leave a CPU for Ray Data's write tasks (cvae.serve.engine).
             query_cpus = self.query.actors * self.query.cpus_per_actor
             if query_cpus > self.num_cpus - 1:
                 raise ConfigError(f"{where}.num_cpus: {self.num_cpus} CPUs cannot hold "
                                   f"query.actors x query.cpus_per_actor = {query_cpus:g} CPUs plus one "
-                                  f"for reading and writing (Ray's CPUs are logical: more than the "
+                                  f"for writing (Ray's CPUs are logical: more than the "
                                   f"cores is fine)")
 
     def to_dict(self) -> dict:

@@ -67,6 +67,21 @@ def test_small_inputs_are_split_over_every_actor():
     assert block_rows(0, 4096, 2) == 1
 
 
+def test_a_job_starts_no_actors_but_its_pool(ray_session, checkpoint, tmp_path):
+    """Each actor a job starts is a node it can be failed by: Ray 2.60's default Parquet
+    reader adds 32 footer-reading actors that live until the last read, and a node lost
+    under one of them failed the whole job (a CI run of tests/test_multinode.py)."""
+    from ray._private import state  # the GCS actor table; the state API needs the dashboard
+
+    before = set(state.actors())
+    write_split(queries(40), tmp_path / "q", 3, seed=2)
+    run_query_job(checkpoint, tmp_path / "q", tmp_path / "out", actors=2, batch_size=8, max_samples=2)
+    started = {a["ActorClassName"] for key, a in state.actors().items() if key not in before}
+    # Ray Data's bookkeeping actors, started once per Ray and pinned to the driver's node
+    started -= {"_StatsActor", "ActorLocationTracker", "_AutoscalingCoordinatorActor"}
+    assert started == {"MapWorker(MapBatches(QueryActor))"}, started
+
+
 def test_duplicates_across_files_are_found(ray_session, checkpoint, tmp_path):
     table = queries(6)
     folder = tmp_path / "dups"
@@ -210,8 +225,8 @@ def test_file_uris_for_checkpoint_queries_and_output(ray_session, checkpoint, ex
 
 
 def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_session, checkpoint, tmp_path):
-    # ray_session has 4 CPUs: 4 one-CPU actors would leave Ray Data's read task none and wait
-    # forever; the engine refuses that up front instead.
+    # ray_session has 4 CPUs: 4 one-CPU actors would leave Ray Data's write tasks none; the
+    # engine refuses that up front instead.
     pq.write_table(queries(4), tmp_path / "q.parquet")
     with pytest.raises(ConfigError, match=r"query\.actors: the Ray cluster has 4 CPUs"):
         run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out", actors=4)
