@@ -224,7 +224,7 @@ def test_file_uris_for_checkpoint_queries_and_output(ray_session, checkpoint, ex
         run_query_job((tmp_path / "nowhere").as_uri(), folder.as_uri(), out_uri)
 
 
-def test_an_actor_pool_that_leaves_no_cpu_for_reading_is_refused(ray_session, checkpoint, tmp_path):
+def test_an_actor_pool_that_leaves_no_cpu_for_writing_is_refused(ray_session, checkpoint, tmp_path):
     # ray_session has 4 CPUs: 4 one-CPU actors would leave Ray Data's write tasks none; the
     # engine refuses that up front instead.
     pq.write_table(queries(4), tmp_path / "q.parquet")
