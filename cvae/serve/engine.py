@@ -118,7 +118,8 @@ class QueryActor:
         self.duplicate_ids = duplicate_ids
 
     def __call__(self, packed: pa.Table) -> pa.Table:
-        """One row of query_blocks' packed column in, its queries' answers out."""
+        """Rows of query_blocks' packed column in (one per call as the engine runs it), the
+        answers to their queries out."""
         answers = [combine(*answer_queries(self.scm, unpack(block), self.max_samples, self.duplicate_ids))
                    for block in packed.column(PACKED)]
         return pa.concat_tables(answers) if answers else COMBINED_SCHEMA.empty_table()
