@@ -13,7 +13,7 @@ from cvae.model.checkpoint import (
     load_optimizer_state,
     save_checkpoint,
 )
-from cvae.model.networks import CANVAS, SupervisedVAE, one_hot, translation
+from cvae.model.networks import CANVAS, OneMapTransposedConv, SupervisedVAE, one_hot, translation
 
 
 def _batch(n=16, seed=0):
@@ -119,6 +119,23 @@ def test_sprite_translation_is_learned_unless_frozen():
         model(x, y).backward()
         opt.step()
         assert torch.equal(model.decoder.move_y, before) is not changes
+
+
+@pytest.mark.parametrize("side", [24, 32])  # the sprite and conv decoders' last layer
+def test_the_one_map_transposed_conv_computes_the_layer_it_stands_for(side):
+    torch.manual_seed(0)
+    fast = OneMapTransposedConv(32).to(memory_format=torch.channels_last)
+    plain = torch.nn.ConvTranspose2d(32, 1, 4, 2, 1)
+    plain.load_state_dict(fast.state_dict())  # the same parameters: checkpoints load unchanged
+    x = torch.randn(5, 32, side, side).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # queries: the matmul and strided adds
+        out = fast(x)
+        expected = plain(x)
+    assert out.shape == expected.shape == (5, 1, 2 * side, 2 * side)
+    assert (out - expected).abs().max() < 1e-5 < expected.abs().max()
+    x.requires_grad_()  # training: PyTorch's own kernel, so gradients are the layer's
+    fast(x).sum().backward()
+    assert x.grad is not None and fast.weight.grad.shape == (32, 1, 4, 4)
 
 
 def test_unknown_arch_is_refused():
