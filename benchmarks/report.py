@@ -51,7 +51,7 @@ STEPS = [
     Step("query", "counterfactuals/s in-process and end to end against the compute roof; peak memory",
          ["-m", "benchmarks.bench_query", "--memory", "100000"],
          # 20,000 queries: the steady state is the marginal rate between two jobs, and each
-         # carries about 10 s of start-up that varies by a second or two from run to run.
+         # carries about 6 s of start-up that varies by a second or two from run to run.
          ["-m", "benchmarks.bench_query", "--queries", "20000", "--small", "2000", "--layouts", "2x1",
           "--memory", ""],
          headline=r"^(model|network alone|in_process|end_to_end|memory)"),

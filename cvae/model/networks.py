@@ -115,17 +115,19 @@ class OneMapTransposedConv(nn.ConvTranspose2d):
     The same function and parameters as the layer it stands for, so checkpoints load
     unchanged; only float32 rounding differs (outputs within 1e-5). Why: PyTorch's oneDNN
     kernel runs this one-output-channel shape at about 14 GFLOP/s on CPU against 150 to 300
-    for the 32-channel layers, so it took about a third of the sprite model's query time;
-    this form takes under a third of the kernel's time (docs/scaling.md). Only without
-    gradients (queries, evaluation): with them, the kernel's forward and backward together
-    take half the time of this form's, whose backward is sixteen strided gradients.
+    for the 32-channel layers, so it took about a third of the sprite networks' query time;
+    this form takes under a third of the kernel's time (docs/scaling.md). Only on the CPU
+    without gradients (queries, evaluation): with them, the kernel's forward and backward
+    together take half the time of this form's, whose backward is sixteen strided
+    gradients. On a GPU the networks are under a tenth of an answer's time (docs/scaling.md),
+    and cuDNN's kernel stays.
     """
 
     def __init__(self, in_channels: int):
         super().__init__(in_channels, 1, 4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         b, c, h, w = x.shape
         taps = (x.permute(0, 2, 3, 1).reshape(-1, c) @ self.weight.reshape(c, 16)).view(b, h, w, 4, 4)
