@@ -18,7 +18,8 @@ matmuls and convolutions, each at the FLOP/s torch reaches here on all cores for
 (a 1024x1024 matmul; the model's own convolution layers, each alone on its input at the
 engine's NET_CHUNK-row chunk or half of it, see `Roof`): the roof is the rate at which both
 kinds would run at those speeds. Beside it, the networks alone (the same three passes at
-the engine's chunk, nothing around them). The machine is shared, so every rate is the
+the engine's chunk, nothing around them), and in-process with the decoders' last layer
+through PyTorch's own kernel instead of `OneMapTransposedConv`, alternately. The machine is shared, so every rate is the
 fastest of short bursts (`best_time`) and each timed job the fastest of a few runs
 (--repeats, --repeats-end-to-end; single runs of the steady rate gave 61 % and 29 % of the
 roof back to back), and the roof is measured right before and right after each timed phase
@@ -50,7 +51,7 @@ import torch
 from benchmarks.fixtures import checkpoint, counterfactual_passes, counterfactual_queries
 from cvae.causal.image import NET_CHUNK, ImageSCM
 from cvae.malloc import keep_freed_memory
-from cvae.model.networks import NUM_PIXELS, SupervisedVAE
+from cvae.model.networks import NUM_PIXELS, OneMapTransposedConv, SupervisedVAE
 from cvae.serve.engine import run_query_job
 from cvae.serve.queries import answer_queries
 
@@ -146,6 +147,23 @@ def network_rate(model: SupervisedVAE, rows: int = NET_CHUNK) -> float:
     chunk of rows: what answer_queries could reach if everything around them were free."""
     x, y = torch.zeros(rows, NUM_PIXELS), torch.zeros(rows, 5, dtype=torch.long)
     return rows / best_time(lambda: counterfactual_passes(model, x, y), seconds=0.3)
+
+
+def one_map_side_by_side(scm: ImageSCM, table, repeats: int) -> tuple[float, float]:
+    """answer_queries/s with the upsamplers' last layer as the model computes it and through
+    PyTorch's own transposed-convolution kernel, run alternately (fastest of each): what
+    OneMapTransposedConv gains, and the check that a later PyTorch does not make it moot."""
+    computed, rates = OneMapTransposedConv.forward, {"ours": 0.0, "kernel": 0.0}
+    try:
+        for _ in range(repeats):
+            for name, forward in (("ours", computed), ("kernel", torch.nn.ConvTranspose2d.forward)):
+                OneMapTransposedConv.forward = forward
+                start = time.perf_counter()
+                answer_queries(scm, table)
+                rates[name] = max(rates[name], table.num_rows / (time.perf_counter() - start))
+    finally:
+        OneMapTransposedConv.forward = computed
+    return rates["ours"], rates["kernel"]
 
 
 def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_000) -> None:
@@ -290,6 +308,11 @@ def main() -> None:
           repeats=args.repeats)
     results, errors = outcome["answer"]
     assert errors.num_rows == 0 and results.num_rows == args.in_process
+    if any(isinstance(m, OneMapTransposedConv) for m in scm.vae.modules()):
+        ours, kernel = one_map_side_by_side(scm, table, args.repeats)
+        figures.update({"in_process_kernel_qps": kernel, "one_map_speedup": ours / kernel})
+        print(f"in_process, the one-map layer through PyTorch's kernel instead: {kernel:.0f} queries/s; "
+              f"as computed (OneMapTransposedConv): {ours:.0f}, {ours / kernel:.2f}x", flush=True)
 
     # Two logical CPUs beyond the cores: the read and write tasks are light; the actors compute.
     store = {"object_store_memory": args.object_store_mb * 2**20} if args.object_store_mb else {}

@@ -133,12 +133,13 @@ def main() -> None:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}; known: {', '.join(s.name for s in STEPS)}")
     steps = [s for s in STEPS if (not s.optional or s.name in extra) and (not only or s.name in only)]
     started = datetime.datetime.now(datetime.timezone.utc)
+    at = commit()  # before the run, which rewrites the committed outputs under results/report
     done = [(step, *run(step, args.quick)) for step in steps]
     body = [
         "# Benchmark results", "",
         f"Written by `python -m benchmarks.report{' --quick' if args.quick else ''}"
         f"{' --with ' + args.extra if args.extra else ''}{' --only ' + args.only if args.only else ''}` "
-        f"on {started:%Y-%m-%d %H:%M} UTC at commit {commit()}. Each benchmark ran alone, one after "
+        f"on {started:%Y-%m-%d %H:%M} UTC at commit {at}. Each benchmark ran alone, one after "
         "another; each ratio inside one was measured side by side in that run. The machine may be "
         "shared: absolute rates are noisy, ratios less so.", "",
         *machine(), "",
