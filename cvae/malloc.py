@@ -2,9 +2,10 @@
 
 glibc's malloc hands every block above its mmap threshold straight back to the kernel on
 free, and trims the heap top above its trim threshold. The answer path makes and drops
-several (rows, 4096) float64 arrays per chunk (pixel noise, probabilities; 32 MiB at 1,024
-rows), so each one came back as fresh pages: 4,000 in-process counterfactuals took 200,000
-to 250,000 page faults and 0.4 to 0.6 s of kernel time, and about 300 faults with this.
+several (rows, 4096) float64 arrays per chunk (pixel noise, probabilities; 16 MiB at the
+512 rows of cvae.serve.queries.ANSWER_CHUNK), so each one came back as fresh pages: 4,000
+in-process counterfactuals took 200,000 to 250,000 page faults and 0.4 to 0.6 s of kernel
+time, and about 300 faults with this. Blocks above the ceiling (32 MiB) still come back fresh.
 PyTorch's CPU tuning guide makes the same point for its own tensors (it recommends jemalloc
 or tcmalloc, which cannot be preloaded from inside Python).
 """
