@@ -127,8 +127,10 @@ class ImageSCM:
         for f in self.factors.order:
             i = FACTORS.index(f)
             k = FACTOR_SIZES[f]
-            g = pyro.sample(f"U_{f}", dist.Gumbel(torch.zeros(k, dtype=torch.float64), 1.0,
-                                                  validate_args=False).to_event(1))
+            # Batch-shaped already (a view of zeros): the plate would otherwise expand the
+            # distribution, which took longer than the rest of the site.
+            loc = torch.zeros(1, k, dtype=torch.float64).expand(n, k)
+            g = pyro.sample(f"U_{f}", dist.Gumbel(loc, 1.0, validate_args=False).to_event(1))
             value = self.factors.mechanism(f, classes.numpy(), g.numpy())
             classes[:, i] = pyro.sample(f, dist.Delta(torch.as_tensor(value, dtype=torch.long), validate_args=False))
         return classes
