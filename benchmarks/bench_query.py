@@ -19,11 +19,11 @@ matmuls and convolutions, each at the FLOP/s torch reaches here on all cores for
 engine's NET_CHUNK-row chunk or half of it, see `Roof`): the roof is the rate at which both
 kinds would run at those speeds. Beside it, the networks alone (the same three passes at
 the engine's chunk, nothing around them), and in-process with the decoders' last layer
-through PyTorch's own kernel instead of `OneMapTransposedConv`, alternately. The machine is shared, so every rate is the
-fastest of short bursts (`best_time`) and each timed job the fastest of a few runs
-(--repeats, --repeats-end-to-end; single runs of the steady rate gave 61 % and 29 % of the
-roof back to back), and the roof is measured right before and right after each timed phase
-and the phase compared with the mean of the two.
+through PyTorch's own kernel instead of `OneMapTransposedConv`, alternately. The machine
+is shared, so every rate is the fastest of short bursts (`best_time`) and each timed job
+the fastest of a few runs (--repeats, --repeats-end-to-end; single runs of the steady rate
+gave 61 % and 29 % of the roof back to back), and the roof is measured right before and
+right after each timed phase and the phase compared with the mean of the two.
 
 Memory: the same job on files of N queries (a small network, so a million rows finish in
 minutes: what grows with N is the data, not the model); peak of the summed proportional set
