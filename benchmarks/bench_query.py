@@ -116,8 +116,8 @@ class Roof:
             for layer, h in inputs:
                 with FlopCounterMode(display=False) as one:
                     layer(h)
-                if _conv_flops(one):  # (a layer computed as a matmul counts as one)
-                    layers.append((layer, h, _conv_flops(one)))
+                if flops := _conv_flops(one):  # (a layer computed as a matmul counts as one)
+                    layers.append((layer, h, flops))
         conv = _conv_flops(counter)
         assert conv == sum(flops for _, _, flops in layers), "every convolution is timed"
         return cls((counter.get_total_flops() - conv) / rows, conv / rows, layers)
