@@ -59,12 +59,15 @@ def test_all_kinds_parquet_to_parquet_and_independent_of_batching(ray_session, c
         assert not list(out.glob("_staging-*"))
 
 
-def test_small_inputs_are_split_over_every_actor():
+def test_blocks_are_split_evenly_over_every_actor():
     assert block_rows(2000, 4096, 2) == 1000  # both actors answer, not one
     assert block_rows(2001, 4096, 2) == 1001
-    assert block_rows(100_000, 4096, 2) == 4096  # large inputs: batch_size rows per call
+    assert block_rows(8192, 4096, 2) == 4096  # large inputs: batch_size rows per call
+    assert block_rows(20_000, 4096, 2) == 3334  # six blocks, three per actor, not five
+    assert block_rows(100_000, 4096, 3) == 3704  # 27 blocks, nine per actor
     assert block_rows(3, 4096, 8) == 1
     assert block_rows(0, 4096, 2) == 1
+    assert block_rows(4097, 4096, 1) == 2049  # two even calls, not 4,096 and 1
 
 
 def test_a_job_starts_no_actors_but_its_pool(ray_session, checkpoint, tmp_path):

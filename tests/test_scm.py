@@ -1,12 +1,13 @@
 """The SCM: randomness, tables, exact abduction and posteriors, and the query guarantees."""
 import numpy as np
 import pyarrow as pa
+import pyro
 import pytest
 import torch
 from pyro import poutine
 
 from cvae.causal.factors import FactorSCM, ScmError
-from cvae.causal.image import ImageSCM
+from cvae.causal.image import ImageSCM, StandardGumbel
 from cvae.config import ScmConfig
 from cvae.data.grid import FACTORS, grid_indices, index_to_classes
 from cvae.data.groundtruth import GroundTruth
@@ -151,6 +152,22 @@ def test_the_pyro_model_has_the_exogenous_and_endogenous_sites(default_scm):
     assert trace.nodes["x"]["value"].shape == (3, 4096)
     classes = poutine.do(default_scm.factor_model, data={"shape": torch.full((50,), 2)})(50)
     assert (classes[:, SHAPE] == 2).all() and len(set(classes[:, SCALE].tolist())) > 1
+
+
+def test_the_factor_noise_prior_is_the_standard_gumbel():
+    """StandardGumbel, the U_f sites' prior, against torch's Gumbel(0, 1): density, samples,
+    and its expansion by a plate."""
+    value = torch.linspace(-3, 8, 12, dtype=torch.float64).reshape(3, 4)
+    want = torch.distributions.Gumbel(torch.zeros(3, 4, dtype=torch.float64), 1.0).log_prob(value).sum(-1)
+    assert torch.allclose(StandardGumbel((3,), 4).log_prob(value), want, rtol=0, atol=1e-12)
+    torch.manual_seed(0)
+    draws = StandardGumbel((100_000,), 2).sample()
+    assert draws.shape == (100_000, 2) and draws.dtype == torch.float64
+    assert abs(draws.mean().item() - 0.5772) < 0.02 and abs(draws.var().item() - np.pi**2 / 6) < 0.05
+    assert StandardGumbel((1,), 6).expand((5,)).sample().shape == (5, 6)
+    with pyro.plate("rows", 7):
+        site = poutine.trace(lambda: pyro.sample("U", StandardGumbel((), 3))).get_trace()
+    assert site.nodes["U"]["value"].shape == (7, 3)
 
 
 def counterfactuals(scm, sources, do: dict, **extra):

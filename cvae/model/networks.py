@@ -130,14 +130,15 @@ class OneMapTransposedConv(nn.ConvTranspose2d):
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         b, c, h, w = x.shape
+        # (b, h, w, kernel row, kernel column); read strided below rather than permuted into a
+        # copy first, which took a quarter of the layer's time.
         taps = (x.permute(0, 2, 3, 1).reshape(-1, c) @ self.weight.reshape(c, 16)).view(b, h, w, 4, 4)
-        taps = taps.permute(0, 3, 4, 1, 2).contiguous()  # (b, kernel row, kernel column, h, w)
         # Input pixel (i, j) adds tap (ky, kx) to output pixel (2i - 1 + ky, 2j - 1 + kx); the
         # sum is built with a one-pixel border all round, which padding 1 then crops.
         out = x.new_zeros(b, 2 * h + 2, 2 * w + 2)
         for ky in range(4):
             for kx in range(4):
-                out[:, ky:ky + 2 * h:2, kx:kx + 2 * w:2] += taps[:, ky, kx]
+                out[:, ky:ky + 2 * h:2, kx:kx + 2 * w:2] += taps[..., ky, kx]
         return (out[:, 1:-1, 1:-1] + self.bias).unsqueeze(1)
 
 
@@ -207,12 +208,11 @@ class SpriteDecoder(nn.Module):
 
     def place(self, canvas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, 48, 48) canvas logits at the positions in the one-hot code y -> (B, 4096)."""
-        pos_x = y[:, SHAPE_DIM:SHAPE_DIM + FACTOR_SIZES["pos_x"]]
-        pos_y = y[:, SHAPE_DIM + FACTOR_SIZES["pos_x"]:]
-        # The one-hot codes pick each row's maps (a product, so it stays one batched op).
-        move_x = torch.einsum("bk,krc->brc", pos_x, self.move_x)
-        move_y = torch.einsum("bk,krc->brc", pos_y, self.move_y)
-        frame = move_y @ (canvas - self.background) @ move_x.transpose(1, 2)
+        pos_x = y[:, SHAPE_DIM:SHAPE_DIM + FACTOR_SIZES["pos_x"]].argmax(1)
+        pos_y = y[:, SHAPE_DIM + FACTOR_SIZES["pos_x"]:].argmax(1)
+        # Each row's maps picked by index: the same values as the product of the one-hot code
+        # with the maps, which took 1.7x the time at two threads.
+        frame = self.move_y[pos_y] @ (canvas - self.background) @ self.move_x[pos_x].transpose(1, 2)
         return frame.flatten(1) + self.background
 
 
