@@ -4,7 +4,9 @@
     python benchmarks/bench_train.py --quality [--archs mlp,conv,sprite] [--epochs N]   # the long run
 
 Speed (default): for each of --archs, with the config's batch size and threads per worker,
-  1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s;
+  1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s, each in
+     a fresh process (as a Ray worker is): with glibc keeping freed memory as train_func
+     does (cvae.malloc), and with glibc's defaults, as a loop written without it runs;
   2. the same training through Ray Train (TorchTrainer, 1 worker, then N workers, then
      N workers summing --accumulate batches per Adam step, so DDP all-reduces that much
      less often), images/s per worker, in the same run, with the plain loop timed before
@@ -34,6 +36,7 @@ from benchmarks.fixtures import at_once  # noqa: E402
 from cvae.config import Config, load_config  # noqa: E402
 from cvae.data.reader import ShardReader  # noqa: E402
 from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
+from cvae.malloc import keep_freed_memory  # noqa: E402
 from cvae.model.networks import SupervisedVAE  # noqa: E402
 
 
@@ -46,10 +49,14 @@ def ensure_data(config: Config, data_dir: Path) -> Path:
     return data_dir
 
 
-def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barrier=None) -> float:
-    """Images/s of a plain PyTorch loop: one process, the config's threads per worker.
+def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barrier=None,
+               keep_freed: bool = True) -> float:
+    """Images/s of a plain PyTorch loop: one process, the config's threads per worker;
+    `keep_freed` tunes malloc as train_func does, for the rest of the process.
     With a `barrier`, the timed steps start when every loop sharing it has warmed up."""
     torch.set_num_threads(config.train.threads_per_worker)
+    if keep_freed:
+        keep_freed_memory()
     torch.manual_seed(config.seed)
     model = SupervisedVAE.from_config(config.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
@@ -73,15 +80,21 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barr
         epoch += 1
 
 
-def _plain_process(config: Config, data_dir: Path, steps: int, barrier, results) -> None:
-    results.put(plain_loop(config, data_dir, steps, barrier=barrier))
+def _plain_process(config: Config, data_dir: Path, steps: int, keep_freed: bool, barrier, results) -> None:
+    results.put(plain_loop(config, data_dir, steps, barrier=barrier, keep_freed=keep_freed))
+
+
+def plain_rate(config: Config, data_dir: Path, steps: int, keep_freed: bool = True) -> float:
+    """Images/s of one plain loop in a fresh process: the malloc tuning lasts for a
+    process, and each loop starts from a fresh heap, as a Ray Train worker does."""
+    return at_once(_plain_process, (config, data_dir, steps, keep_freed), 1)[0]
 
 
 def concurrent_plain_loops(config: Config, data_dir: Path, steps: int, n: int) -> list[float]:
     """Images/s of each of n plain loops timed at once in n processes (no Ray, no DDP, no
     gradients exchanged): what this machine gives n independent trainings side by side,
     the control for the n-worker figure (shared cores, caches, memory bandwidth, clocks)."""
-    return at_once(_plain_process, (config, data_dir, steps), n)
+    return at_once(_plain_process, (config, data_dir, steps, True), n)
 
 
 def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int,
@@ -132,12 +145,16 @@ def speed(config: Config, data_dir: Path, out: Path, steps: int, accumulate: int
     print(f"\nmodel {config.model.arch} (z {config.model.z_dim}, hidden {config.model.hidden}), "
           f"batch {t.batch_size}, {t.threads_per_worker} thread(s) per worker, {steps} timed steps",
           flush=True)
-    plain_before = plain_loop(config, data_dir, steps)
-    print(f"plain loop (before):        {plain_before:8.0f} images/s", flush=True)
+    plain_before = plain_rate(config, data_dir, steps)
+    stock_before = plain_rate(config, data_dir, steps, keep_freed=False)
+    print(f"plain loop (before):        {plain_before:8.0f} images/s "
+          f"(glibc's defaults: {stock_before:.0f})", flush=True)
     one = ray_train_rate(config, data_dir, out, 1, steps)
     print(f"Ray Train, 1 worker:        {one:8.0f} images/s per worker", flush=True)
-    plain_after = plain_loop(config, data_dir, steps)
-    print(f"plain loop (after):         {plain_after:8.0f} images/s", flush=True)
+    plain_after = plain_rate(config, data_dir, steps)
+    stock_after = plain_rate(config, data_dir, steps, keep_freed=False)
+    print(f"plain loop (after):         {plain_after:8.0f} images/s "
+          f"(glibc's defaults: {stock_after:.0f})", flush=True)
     many = None
     if t.num_workers > 1:
         many = ray_train_rate(config, data_dir, out, t.num_workers, steps)
@@ -150,10 +167,13 @@ def speed(config: Config, data_dir: Path, out: Path, steps: int, accumulate: int
         print(f"plain loops, {t.num_workers} at once:   {side_by_side:8.0f} images/s per loop "
               "(separate processes: no Ray, no DDP)", flush=True)
     plain = statistics.mean([plain_before, plain_after])
+    stock = statistics.mean([stock_before, stock_after])
     rate = reader_rate(config, data_dir)
     print(f"reader alone:               {rate:8.0f} images/s", flush=True)
     print("\nsummary")
-    print(f"  Ray Train / plain loop, 1 worker, same threads: {one / plain:.2f}  (target >= 0.95)")
+    print(f"  Ray Train / plain loop, 1 worker, same threads and malloc: {one / plain:.2f}  (target >= 0.95)")
+    print(f"  Ray Train / plain loop with glibc's defaults: {one / stock:.2f}; "
+          f"the plain loop, freed memory kept / glibc's defaults: {plain / stock:.2f}")
     if many is not None:
         print(f"  per worker with {t.num_workers} workers / 1 worker: {many / one:.2f}, "
               f"accumulating {accumulate} batches: {summed / one:.2f}  (target >= 0.8)")

@@ -6,6 +6,11 @@ several (rows, 4096) float64 arrays per chunk (pixel noise, probabilities; 16 Mi
 512 rows of cvae.serve.queries.ANSWER_CHUNK), so each one came back as fresh pages: 4,000
 in-process counterfactuals took 200,000 to 250,000 page faults and 0.4 to 0.6 s of kernel
 time, and about 300 faults with this. Blocks above the ceiling (32 MiB) still come back fresh.
+Training is the same story: every step frees and reallocates its activations and
+gradients, and 240 one-thread steps at batch 64 took 1.2 M page faults (sprite) to 4.7 M
+(mlp, whose 16 MiB weight gradients fall either side of glibc's moving mmap threshold, so
+a process ran at 540 or at 790 images/s by luck); with this, about 85,000 and 130,000.
+Both the query engine (ImageSCM) and every training worker call it.
 PyTorch's CPU tuning guide makes the same point for its own tensors (it recommends jemalloc
 or tcmalloc, which cannot be preloaded from inside Python).
 """

@@ -57,6 +57,33 @@ def test_long_epochs_show_progress_inside_the_epoch(tiny_data, tmp_path, monkeyp
     assert lines[-1].startswith("epoch 1/1: 100% (4 of 4 steps), train ") and "nats/image so far" in lines[-1]
 
 
+def test_every_training_process_keeps_freed_memory(tiny_data, tmp_path, monkeypatch):
+    """The loop tunes malloc before its first step (cvae.malloc: fewer page faults per step)."""
+    from cvae.model import train as train_module
+    events = []
+    monkeypatch.setattr(train_module, "keep_freed_memory", lambda: events.append("malloc") or True)
+    config = tiny_config(num_workers=0, epochs=1, max_steps_per_epoch=2)
+    run_training(config, tiny_data, tmp_path, run_name="m",
+                 step_hook=lambda epoch, step, rank, run_dir: events.append(f"step {step}"))
+    assert events == ["malloc", "step 0", "step 1"]
+
+
+def test_local_mode_starts_no_ray_of_its_own(monkeypatch):
+    """Recording where rank 0 ran must not ask Ray's runtime context in local mode: that
+    auto-starts an unsecured Ray, and a later secured init_ray in the process then fails."""
+    import ray
+
+    from cvae.model.train import placement
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("local mode started a Ray")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a process without a Ray
+    monkeypatch.setattr(ray, "init", no_init)
+    [rank0] = placement(0, ["manifest.json"], staged=False)
+    assert (rank0["rank"], rank0["node_id"], rank0["files"]) == (0, "local", ["manifest.json"])
+
+
 def test_local_mode_trains_a_model_that_reconstructs(tiny_data, tmp_path):
     config = tiny_config(num_workers=0, epochs=3)
     result = run_training(config, tiny_data, tmp_path, run_name="local")

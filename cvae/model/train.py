@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from cvae.config import Config, ConfigError
+from cvae.malloc import keep_freed_memory
 from cvae.model.checkpoint import CheckpointError, load_checkpoint, load_meta, load_optimizer_state, save_checkpoint
 from cvae.model.networks import SupervisedVAE
 
@@ -93,7 +94,10 @@ def placement(rank: int, files: list[str], staged: bool) -> list[dict]:
     import ray
     import torch.distributed as dist
 
-    mine = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+    # Local mode runs without a Ray; asking for a runtime context there would start one
+    # (ray's auto-init: unsecured, seconds long, and it spoils a later secured init_ray).
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    mine = {"rank": rank, "node_id": node_id,
             "node_ip": ray.util.get_node_ip_address(), "files": files, "staged": staged}
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [mine]
@@ -120,6 +124,10 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
     config: Config = loop_config["config"]
     train = config.train
     torch.set_num_threads(train.threads_per_worker)
+    # Each step frees and reallocates its activations and gradients; with glibc's
+    # defaults those came back as fresh pages (sprite: 1.2 M page faults in 240 steps,
+    # 0.87x the speed; mlp 4.7 M, 0.7x). See cvae.malloc.
+    keep_freed_memory()
     device = ray.train.torch.get_device()
 
     model, optimizer, start_epoch, history, attempt = _model_and_optimizer(loop_config, config)
