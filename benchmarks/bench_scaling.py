@@ -36,6 +36,7 @@ from cvae.config import load_config
 from cvae.data.grid import factor_classes
 from cvae.data.images import decode_image, encode_pngs
 from cvae.data.shards import split_rows, write_dataset
+from cvae.malloc import keep_freed_memory
 from cvae.model.networks import NUM_PIXELS, SupervisedVAE
 from cvae.serve.queries import answer_queries
 
@@ -51,6 +52,7 @@ def rate(fn, items: int, repeat: int) -> float:
 
 
 def training_rate(arch: str, steps: int, batch: int = 128) -> tuple[float, int]:
+    keep_freed_memory()  # as every Ray Train worker does (cvae.model.train)
     model = SupervisedVAE(arch, 50, 1000)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     x = (torch.rand(batch, NUM_PIXELS) < 0.1).float()
