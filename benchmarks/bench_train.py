@@ -17,7 +17,9 @@ Quality (--quality): trains the config for each architecture and prints the nega
 ELBO per image on the test split after every epoch. A rerun continues where the run
 stopped (same run names under <out>/quality).
 
-Timings on a shared machine are noisy: the script prints what it measured, nothing else.
+Each rate is the best of WINDOWS timed windows of --steps steps (Ray Train: of as many
+epochs capped at --steps, after one that warms up). Timings on a shared machine are noisy:
+the script prints what it measured, nothing else.
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
 from cvae.malloc import keep_freed_memory  # noqa: E402
 from cvae.model.networks import SupervisedVAE  # noqa: E402
 
+# Every rate is the best of this many timed windows of --steps steps, plain loop and Ray
+# Train alike: one 30-step window (2 to 4 s) moved by 10 % or more on this shared machine.
+WINDOWS = 2
+
 
 def ensure_data(config: Config, data_dir: Path) -> Path:
     if not (data_dir / "manifest.json").is_file():
@@ -50,8 +56,9 @@ def ensure_data(config: Config, data_dir: Path) -> Path:
 
 
 def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barrier=None,
-               keep_freed: bool = True) -> float:
+               keep_freed: bool = True, windows: int = WINDOWS) -> float:
     """Images/s of a plain PyTorch loop: one process, the config's threads per worker;
+    the best of `windows` consecutive windows of `steps` steps after `warmup` steps.
     `keep_freed` tunes malloc as train_func does, for the rest of the process.
     With a `barrier`, the timed steps start when every loop sharing it has warmed up."""
     torch.set_num_threads(config.train.threads_per_worker)
@@ -62,22 +69,32 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barr
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
                          seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=False)
-    done, started, epoch = 0, None, 1
-    while True:
-        for step, batch in enumerate(reader.epoch(epoch)):
-            if step == warmup and started is None:
-                if barrier is not None:
-                    barrier.wait()
-                started, done = time.perf_counter(), 0
-            x = batch.images.reshape(len(batch.images), -1).float()
-            loss = model(x, batch.classes)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += len(x)
-            if started is not None and step >= warmup + steps:
-                return done / (time.perf_counter() - started)
-        epoch += 1
+
+    def batches():
+        epoch = 1
+        while True:
+            yield from reader.epoch(epoch)
+            epoch += 1
+
+    rates, done, started = [], 0, None
+    for step, batch in enumerate(batches()):
+        if step == warmup:
+            if barrier is not None:
+                barrier.wait()
+            started, done = time.perf_counter(), 0
+        x = batch.images.reshape(len(batch.images), -1).float()
+        loss = model(x, batch.classes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done += len(x)
+        if started is not None and (step - warmup + 1) % steps == 0:
+            now = time.perf_counter()
+            rates.append(done / (now - started))
+            if len(rates) == windows:
+                return max(rates)
+            started, done = now, 0
+    raise AssertionError("unreachable: the batches never end")
 
 
 def _plain_process(config: Config, data_dir: Path, steps: int, keep_freed: bool, barrier, results) -> None:
@@ -99,16 +116,16 @@ def concurrent_plain_loops(config: Config, data_dir: Path, steps: int, n: int) -
 
 def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int,
                    accumulate: int = 1) -> float:
-    """Images/s per worker through Ray Train: the second of two capped epochs (the
-    first warms up), timed by the workers around their training steps."""
+    """Images/s per worker through Ray Train: the best of WINDOWS epochs of `steps` steps
+    after one that warms up, timed by the workers around their training steps."""
     from cvae.model.train import run_training
 
-    overrides = {"train.num_workers": workers, "train.epochs": 2, "train.accumulate": accumulate,
+    overrides = {"train.num_workers": workers, "train.epochs": 1 + WINDOWS, "train.accumulate": accumulate,
                  "train.max_steps_per_epoch": steps, "train.eval_every": 1000}
     run_config = _override(config, overrides)
     name = f"speed-{workers}w-{time.time_ns()}"
     result = run_training(run_config, data_dir, out / name, run_name=name)
-    return result.history[-1]["images_per_s_per_worker"]
+    return max(r["images_per_s_per_worker"] for r in result.history[1:])
 
 
 def reader_rate(config: Config, data_dir: Path, batches: int = 400) -> float:
