@@ -11,7 +11,9 @@ Each benchmark runs as its own process, one after another (never two at once: th
 ratios are measured side by side inside each run, and two runs would share the cores).
 Its full output goes to benchmarks/results/report/<name>.txt; RESULTS.md holds the
 headline lines of each and links the full output. A benchmark that fails is recorded as
-failed, with the end of its output, and the others still run.
+failed, with the end of its output, and the others still run. The long runs kept as
+committed outputs of their own (RECORDS: the notebook's method and training table, the GPU)
+close RESULTS.md with their headline lines, so it holds every figure.
 """
 from __future__ import annotations
 
@@ -69,6 +71,47 @@ STEPS = [
          ["-m", "benchmarks.bench_gpu"], ["-m", "benchmarks.bench_gpu", "--only", "checks,roof,queries"],
          headline=r"^(device|  PASS|  FAIL|roof|  (mlp|conv|sprite) |  \d actor|  epoch 10)", optional=True),
 ]
+
+
+@dataclass
+class Record:
+    """A long run (hours, or a lent GPU) kept as a committed output with its own date and
+    commit; RESULTS.md quotes its headline lines, so every figure is in the one record."""
+    name: str
+    what: str
+    path: str  # the committed output, from the repository root
+    headline: str  # regex: the lines RESULTS.md quotes
+
+
+RECORDS = [
+    Record("notebook", "the original notebook's SVI counterfactuals next to ours, 50 queries "
+           "(`python -m benchmarks.bench_notebook`)",
+           "benchmarks/results/notebook/bench_notebook.txt", r"^(date|\| )"),
+    Record("notebook-table", "the notebook's training table, reproduced on the full grid "
+           "(`python -m jobs.pipeline --config configs/notebook-table.yaml`)",
+           "benchmarks/results/notebook-table/README.md", r"^\| "),
+    Record("gpu", "one lent H200: the GPU paths checked and timed (`python -m benchmarks.bench_gpu`)",
+           "benchmarks/results/gpu.txt",
+           r"^(# |roof|training step|the network|answer_queries|N actor|  arch|  (mlp|conv|sprite) +(cuda|\d)"
+           r"|  \d actor|  epoch 10|\d+ check)"),
+]
+
+
+def recorded(skip: set[str]) -> list[str]:
+    """RESULTS.md's last section: the long runs' committed outputs (those not rerun now)."""
+    body = ["## Long runs, as recorded when they ran", "",
+            "Too long for this command, or run on a lent GPU: each file says its own date, "
+            "commit and machine.", ""]
+    for record in RECORDS:
+        if record.name in skip:
+            continue
+        path = ROOT / record.path
+        lines = ([line for line in path.read_text().splitlines() if re.search(record.headline, line)]
+                 if path.is_file() else [f"missing: {record.path}"])
+        link = Path(os.path.relpath(path, RESULTS.parent))
+        body += [f"### {record.name}: {record.what}", "", f"Full output: [{link}]({link})", "",
+                 "```", *lines, "```", ""]
+    return body
 
 
 def machine() -> list[str]:
@@ -149,6 +192,7 @@ def main() -> None:
     ]
     for step, command, seconds, code in done:
         body += section(step, command, seconds, code)
+    body += recorded({step.name for step, *_ in done})
     RESULTS.write_text("\n".join(body))
     print(f"wrote {RESULTS}")
     sys.exit(0 if all(code == 0 for *_, code in done) else 1)
