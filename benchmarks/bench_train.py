@@ -17,9 +17,9 @@ Quality (--quality): trains the config for each architecture and prints the nega
 ELBO per image on the test split after every epoch. A rerun continues where the run
 stopped (same run names under <out>/quality).
 
-Each rate is the best of WINDOWS timed windows of --steps steps (Ray Train: of as many
-epochs capped at --steps, after one that warms up). Timings on a shared machine are noisy:
-the script prints what it measured, nothing else.
+Every loop, plain or Ray Train, is timed the same way: epochs capped at --steps steps,
+each from its start, the best of WINDOWS after one that warms up. Timings on a shared
+machine are noisy: the script prints what it measured, nothing else.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
 from cvae.malloc import keep_freed_memory  # noqa: E402
 from cvae.model.networks import SupervisedVAE  # noqa: E402
 
-# Every rate is the best of this many timed windows of --steps steps, plain loop and Ray
-# Train alike: one 30-step window (2 to 4 s) moved by 10 % or more on this shared machine.
+# Every rate is the best of this many timed epochs of --steps steps, plain loop and Ray
+# Train alike: one 30-step epoch (2 to 4 s) moved by 10 % or more on this shared machine.
 WINDOWS = 2
 
 
@@ -55,12 +55,13 @@ def ensure_data(config: Config, data_dir: Path) -> Path:
     return data_dir
 
 
-def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barrier=None,
-               keep_freed: bool = True, windows: int = WINDOWS) -> float:
-    """Images/s of a plain PyTorch loop: one process, the config's threads per worker;
-    the best of `windows` consecutive windows of `steps` steps after `warmup` steps.
-    `keep_freed` tunes malloc as train_func does, for the rest of the process.
-    With a `barrier`, the timed steps start when every loop sharing it has warmed up."""
+def plain_loop(config: Config, data_dir: Path, steps: int, barrier=None, keep_freed: bool = True,
+               windows: int = WINDOWS) -> float:
+    """Images/s of a plain PyTorch loop: one process, the config's threads per worker.
+    Timed as Ray Train's workers time themselves: epochs capped at `steps` steps, each from
+    its start (the shuffle buffer's fill included), the best of `windows` after one that
+    warms up. `keep_freed` tunes malloc as train_func does, for the rest of the process.
+    With a `barrier`, the timed epochs start when every loop sharing it has warmed up."""
     torch.set_num_threads(config.train.threads_per_worker)
     if keep_freed:
         keep_freed_memory()
@@ -69,32 +70,22 @@ def plain_loop(config: Config, data_dir: Path, steps: int, warmup: int = 5, barr
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
                          seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=False)
-
-    def batches():
-        epoch = 1
-        while True:
-            yield from reader.epoch(epoch)
-            epoch += 1
-
-    rates, done, started = [], 0, None
-    for step, batch in enumerate(batches()):
-        if step == warmup:
-            if barrier is not None:
-                barrier.wait()
-            started, done = time.perf_counter(), 0
-        x = batch.images.reshape(len(batch.images), -1).float()
-        loss = model(x, batch.classes)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        done += len(x)
-        if started is not None and (step - warmup + 1) % steps == 0:
-            now = time.perf_counter()
-            rates.append(done / (now - started))
-            if len(rates) == windows:
-                return max(rates)
-            started, done = now, 0
-    raise AssertionError("unreachable: the batches never end")
+    rates = []
+    for epoch in range(1, 2 + windows):
+        if epoch == 2 and barrier is not None:
+            barrier.wait()
+        started, done = time.perf_counter(), 0
+        for step, batch in enumerate(reader.epoch(epoch)):
+            if step == steps:
+                break
+            x = batch.images.reshape(len(batch.images), -1).float()
+            loss = model(x, batch.classes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += len(x)
+        rates.append(done / (time.perf_counter() - started))
+    return max(rates[1:])
 
 
 def _plain_process(config: Config, data_dir: Path, steps: int, keep_freed: bool, barrier, results) -> None:
