@@ -17,9 +17,9 @@ Quality (--quality): trains the config for each architecture and prints the nega
 ELBO per image on the test split after every epoch. A rerun continues where the run
 stopped (same run names under <out>/quality).
 
-Every loop, plain or Ray Train, is timed the same way: epochs capped at --steps steps,
-each from its start, the best of WINDOWS after one that warms up. Timings on a shared
-machine are noisy: the script prints what it measured, nothing else.
+Every loop, plain or Ray Train (from inside its rank 0, through run_training's step_hook),
+is timed the same way: WARMUP steps, then the best of WINDOWS windows of --steps steps, in
+one epoch. Timings on a shared machine are noisy: the script prints what it measured.
 """
 from __future__ import annotations
 
@@ -41,9 +41,12 @@ from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
 from cvae.malloc import keep_freed_memory  # noqa: E402
 from cvae.model.networks import SupervisedVAE  # noqa: E402
 
-# Every rate is the best of this many timed epochs of --steps steps, plain loop and Ray
-# Train alike: one 30-step epoch (2 to 4 s) moved by 10 % or more on this shared machine.
-WINDOWS = 2
+# Every loop, plain or Ray Train, is timed the same way: inside one long epoch (as real
+# training runs: glibc's page faults differ at an epoch's start), after WARMUP steps, the
+# best of WINDOWS windows of --steps steps (one 30-step window, 2 to 4 s, moved by 10 % or
+# more on this shared machine).
+WARMUP, WINDOWS = 5, 2
+STEP_STARTS = "step_starts.txt"  # written by rank 0 of a timed Ray Train run, in its folder
 
 
 def ensure_data(config: Config, data_dir: Path) -> Path:
@@ -55,13 +58,19 @@ def ensure_data(config: Config, data_dir: Path) -> Path:
     return data_dir
 
 
+def best_window(starts: list[float], images_per_step: int, steps: int) -> float:
+    """Images/s of the fastest window of `steps` steps; starts[i]: when timed step i began
+    (one more than the steps timed, so the last window has its end)."""
+    windows = (len(starts) - 1) // steps
+    return max(images_per_step * steps / (starts[(w + 1) * steps] - starts[w * steps]) for w in range(windows))
+
+
 def plain_loop(config: Config, data_dir: Path, steps: int, barrier=None, keep_freed: bool = True,
                windows: int = WINDOWS) -> float:
-    """Images/s of a plain PyTorch loop: one process, the config's threads per worker.
-    Timed as Ray Train's workers time themselves: epochs capped at `steps` steps, each from
-    its start (the shuffle buffer's fill included), the best of `windows` after one that
-    warms up. `keep_freed` tunes malloc as train_func does, for the rest of the process.
-    With a `barrier`, the timed epochs start when every loop sharing it has warmed up."""
+    """Images/s of a plain PyTorch loop: one process, the config's threads per worker; the
+    best of `windows` windows of `steps` steps after WARMUP, inside one long epoch.
+    `keep_freed` tunes malloc as train_func does, for the rest of the process.
+    With a `barrier`, the timed steps start when every loop sharing it has warmed up."""
     torch.set_num_threads(config.train.threads_per_worker)
     if keep_freed:
         keep_freed_memory()
@@ -70,22 +79,20 @@ def plain_loop(config: Config, data_dir: Path, steps: int, barrier=None, keep_fr
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     reader = ShardReader(data_dir, "train", batch_size=config.train.batch_size,
                          seed=config.seed, shuffle_buffer=config.train.shuffle_buffer, verify=False)
-    rates = []
-    for epoch in range(1, 2 + windows):
-        if epoch == 2 and barrier is not None:
+    starts = []
+    for step, batch in enumerate(reader.epoch(1)):
+        if step == WARMUP and barrier is not None:
             barrier.wait()
-        started, done = time.perf_counter(), 0
-        for step, batch in enumerate(reader.epoch(epoch)):
-            if step == steps:
-                break
-            x = batch.images.reshape(len(batch.images), -1).float()
-            loss = model(x, batch.classes)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += len(x)
-        rates.append(done / (time.perf_counter() - started))
-    return max(rates[1:])
+        if step >= WARMUP:
+            starts.append(time.perf_counter())
+            if len(starts) == windows * steps + 1:
+                return best_window(starts, config.train.batch_size, steps)
+        x = batch.images.reshape(len(batch.images), -1).float()
+        loss = model(x, batch.classes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    raise ValueError(f"an epoch of {step + 1} steps is too short for {WARMUP} + {windows} x {steps}")
 
 
 def _plain_process(config: Config, data_dir: Path, steps: int, keep_freed: bool, barrier, results) -> None:
@@ -105,18 +112,26 @@ def concurrent_plain_loops(config: Config, data_dir: Path, steps: int, n: int) -
     return at_once(_plain_process, (config, data_dir, steps, True), n)
 
 
+def _note_step_start(epoch: int, step: int, rank: int, run_dir: str) -> None:
+    """Ray Train step_hook: rank 0 notes when each of its steps begins."""
+    if rank == 0:
+        with open(Path(run_dir) / STEP_STARTS, "a") as out:
+            out.write(f"{time.perf_counter()}\n")
+
+
 def ray_train_rate(config: Config, data_dir: Path, out: Path, workers: int, steps: int,
                    accumulate: int = 1) -> float:
-    """Images/s per worker through Ray Train: the best of WINDOWS epochs of `steps` steps
-    after one that warms up, timed by the workers around their training steps."""
+    """Images/s per worker through Ray Train, timed as the plain loop is: rank 0's step
+    starts, the best of WINDOWS windows of `steps` steps after WARMUP, in one epoch."""
     from cvae.model.train import run_training
 
-    overrides = {"train.num_workers": workers, "train.epochs": 1 + WINDOWS, "train.accumulate": accumulate,
-                 "train.max_steps_per_epoch": steps, "train.eval_every": 1000}
+    overrides = {"train.num_workers": workers, "train.epochs": 1, "train.accumulate": accumulate,
+                 "train.max_steps_per_epoch": WARMUP + WINDOWS * steps + 1}
     run_config = _override(config, overrides)
     name = f"speed-{workers}w-{time.time_ns()}"
-    result = run_training(run_config, data_dir, out / name, run_name=name)
-    return max(r["images_per_s_per_worker"] for r in result.history[1:])
+    result = run_training(run_config, data_dir, out / name, run_name=name, step_hook=_note_step_start)
+    starts = [float(line) for line in (Path(result.run_dir) / STEP_STARTS).read_text().split()]
+    return best_window(starts[WARMUP:], config.train.batch_size, steps)
 
 
 def reader_rate(config: Config, data_dir: Path, batches: int = 400) -> float:
