@@ -2,7 +2,7 @@
 benchmarks/RESULTS.md (machine, date, commit, every figure, each as its benchmark printed it).
 
     python -m benchmarks.report                  # data, scaling, queries, training speed, fidelity
-    python -m benchmarks.report --quick          # smaller query and training runs (about 10 min)
+    python -m benchmarks.report --quick          # smaller query and training runs (about 11 min)
     python -m benchmarks.report --with notebook  # also the notebook's SVI method side by side
                                                  # (needs the configs/bench-mlp.yaml checkpoint)
     python -m benchmarks.report --with gpu       # also benchmarks/bench_gpu.py (on a GPU machine)
