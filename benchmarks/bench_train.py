@@ -65,10 +65,9 @@ def best_window(starts: list[float], images_per_step: int, steps: int) -> float:
     return max(images_per_step * steps / (starts[(w + 1) * steps] - starts[w * steps]) for w in range(windows))
 
 
-def plain_loop(config: Config, data_dir: Path, steps: int, barrier=None, keep_freed: bool = True,
-               windows: int = WINDOWS) -> float:
+def plain_loop(config: Config, data_dir: Path, steps: int, barrier=None, keep_freed: bool = True) -> float:
     """Images/s of a plain PyTorch loop: one process, the config's threads per worker; the
-    best of `windows` windows of `steps` steps after WARMUP, inside one long epoch.
+    best of WINDOWS windows of `steps` steps after WARMUP, inside one long epoch.
     `keep_freed` tunes malloc as train_func does, for the rest of the process.
     With a `barrier`, the timed steps start when every loop sharing it has warmed up."""
     torch.set_num_threads(config.train.threads_per_worker)
@@ -85,14 +84,14 @@ def plain_loop(config: Config, data_dir: Path, steps: int, barrier=None, keep_fr
             barrier.wait()
         if step >= WARMUP:
             starts.append(time.perf_counter())
-            if len(starts) == windows * steps + 1:
+            if len(starts) == WINDOWS * steps + 1:
                 return best_window(starts, config.train.batch_size, steps)
         x = batch.images.reshape(len(batch.images), -1).float()
         loss = model(x, batch.classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    raise ValueError(f"an epoch of {step + 1} steps is too short for {WARMUP} + {windows} x {steps}")
+    raise ValueError(f"an epoch is too short for {WARMUP} + {WINDOWS} x {steps} steps")
 
 
 def _plain_process(config: Config, data_dir: Path, steps: int, keep_freed: bool, barrier, results) -> None:
