@@ -327,7 +327,7 @@ def main() -> None:
 
         def job(n, actors=actors, cpus=cpus):
             summary = run_query_job(ckpt, work / f"q{n}.parquet", work / f"out{n}", actors=actors,
-                                    cpus_per_actor=cpus, batch_size=args.batch_size)
+                                    cpus_per_actor=cpus, batch_size=args.batch_size, overwrite=True)
             assert summary["result_rows"] == n
 
         print(f"end to end, {actors} actor(s) x {cpus} CPU/thread(s), batch {args.batch_size}:", flush=True)
@@ -347,7 +347,7 @@ def main() -> None:
         write_queries(path, n)
         with PeakMemory() as mem:
             start = time.perf_counter()
-            summary = run_query_job(small, path, work / f"mem{n}", actors=2, batch_size=4096)
+            summary = run_query_job(small, path, work / f"mem{n}", actors=2, batch_size=4096, overwrite=True)
         assert summary["result_rows"] == n
         figures[f"peak_pss_gib_{n}"] = mem.peak / 2**30
         shares = sorted(mem.at_peak.items(), key=lambda kv: -kv[1])

@@ -245,6 +245,15 @@ class Config:
             raise ConfigError(f"{where}.train.use_gpu: needs num_workers >= 1")
         if self.seed < 0:
             raise ConfigError(f"{where}.seed: must be >= 0, got {self.seed}")
+        # A family's value must be a class the model trains on: off the data's grid the
+        # query job would refuse every one of its rows.
+        for i, entry in enumerate(self.pipeline.families):
+            family = parse_family(entry, f"{where}.pipeline.families[{i}]")
+            stride = int(self.data.strides.get(family.factor, 1))
+            if family.value % stride:
+                raise ConfigError(f"{where}.pipeline.families[{i}].value: {family.factor}={family.value} is not "
+                                  f"on the data's grid (data.strides.{family.factor}: {stride}), so a model "
+                                  f"trained on it cannot answer it")
         # Each Ray Train worker reads its own train shards, so there must be enough of them.
         if self.train.num_workers > self.data.num_shards:
             raise ConfigError(f"{where}.train.num_workers: {self.train.num_workers} workers need "

@@ -10,6 +10,11 @@ class OutputLocationError(ValueError):
     bucket, no access, a read-only or virtual filesystem such as /proc)."""
 
 
+class OutputExistsError(OutputLocationError):
+    """An output folder that already holds a finished (committed) output, which a job would
+    replace: refused unless the caller asks to overwrite it."""
+
+
 class OutputBusyError(OutputLocationError):
     """An output folder another live job holds the lease on (cvae.serve.lease): two writers into one
     folder would delete each other's staged files."""

@@ -181,7 +181,8 @@ def _answers(run: _Run, queries_dir: str, queries_id: str, checkpoint_id: dict) 
     inputs = {"queries": queries_id, "checkpoint": checkpoint_id, "max_samples": config.query.max_samples}
     record = run.reuse("answers", folder, inputs, SUCCESS)
     if record is None:
-        answers = run_query_job(checkpoint_id["checkpoint"], queries_dir, folder, **config.query.job_settings())
+        answers = run_query_job(checkpoint_id["checkpoint"], queries_dir, folder, overwrite=True,
+                                **config.query.job_settings())
         kept = {k: answers.get(k) for k in ("queries", "result_rows", "error_rows", "seconds")}
         record = {"result": kept}
         write_record(folder, "answers", inputs, kept)

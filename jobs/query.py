@@ -1,27 +1,29 @@
 """Answer a Parquet file (or folder) of queries with the SCM held by a Ray actor pool.
 
     python -m jobs.query --checkpoint CKPT --queries PATH --out DIR [--actors N] [--batch-size N]
-                         [--cpus-per-actor N] [--config CONFIG] [--address ADDR]
+                         [--cpus-per-actor N] [--config CONFIG] [--address ADDR] [--overwrite]
 
 For example, after the quickstart (python -m jobs.pipeline --config configs/local.yaml):
 
     python -m jobs.query --checkpoint runs/local/train/local --queries runs/local/queries \
         --out runs/local/answers-again
 
-CKPT is one checkpoint folder (runs/local/train/local/checkpoint_epoch_00005, holding
-checkpoint.json and model.pt) or a training run folder (runs/local/train/local, or
-runs/local/train which holds it): a run folder's best checkpoint is used (lowest validation
-loss, else lowest test loss, else the latest epoch) and one line says which. CKPT, PATH and
-DIR may be local paths or URIs that pyarrow's filesystems handle (file://, s3://, gs://).
+CKPT is `pretrained` (the whole-grid model shipped with cvae), one checkpoint folder
+(runs/local/train/local/checkpoint_epoch_00005, holding checkpoint.json and model.pt) or a
+training run folder (runs/local/train/local, or runs/local/train which holds it): a run
+folder's best checkpoint is used (lowest validation loss, else lowest test loss, else the
+latest epoch) and one line says which. CKPT, PATH and DIR may be local paths or URIs that
+pyarrow's filesystems handle (file://, s3://, gs://).
 
-Flags override the config's `query` section. A whole-input problem (a missing or mistyped
-column, a missing, corrupt or refused checkpoint, an output folder that cannot be created or
-written) prints one clear line, before Ray starts, and exits with status 2.
+A DIR that already holds a finished output (_SUCCESS.json) is refused unless --overwrite;
+one left by a killed job is taken over. Flags override the config's `query` section. A
+whole-input problem (a missing or mistyped column, a missing, corrupt or refused
+checkpoint, an output folder that cannot be created or written, or one that holds a finished
+output) prints one clear line, before Ray starts, and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from cvae.logs import add_level_option, configure
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-actor", type=float)
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor")
     parser.add_argument("--address", help="Ray address (default: the config's ray_address, else local)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished output in --out")
     add_level_option(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)
@@ -70,12 +73,30 @@ def main(argv: list[str] | None = None) -> int:
         from cvae.serve.engine import run_query_job
 
         summary = run_query_job(args.checkpoint, args.queries, args.out, **query.job_settings(),
-                                ray_address=args.address or config.ray_address, num_cpus=config.num_cpus)
+                                ray_address=args.address or config.ray_address, num_cpus=config.num_cpus,
+                                overwrite=args.overwrite)
     except (QuerySchemaError, CheckpointError, OutputLocationError, ConfigError, ScmError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    for line in summary_lines(summary, args.out):
+        print(line)
     return 0
+
+
+def summary_lines(summary: dict, out: str) -> list[str]:
+    """What the job did, for people: rows answered and refused, and where they are (the
+    whole record is in _SUCCESS.json)."""
+    if not summary["queries"]:
+        return [f"nothing to answer: the queries hold no rows; committed an empty output in {out}"]
+    lines = [f"answered {summary['queries'] - summary['error_rows']:,} of {summary['queries']:,} queries in "
+             f"{summary.get('seconds', 0):.1f} s: {summary['result_rows']:,} result rows in {out}/results"]
+    if summary["error_rows"]:
+        lines.append(f"refused {summary['error_rows']:,} queries, each with its reason, in {out}/errors")
+    if summary.get("off_grid_rows"):
+        lines.append(f"  {summary['off_grid_rows']:,} of them name classes this model was not trained on "
+                     f"(`python -m jobs.make_queries --checkpoint` keeps a query set on its grid)")
+    lines.append(f"the run's record: {out}/_SUCCESS.json")
+    return lines
 
 
 if __name__ == "__main__":

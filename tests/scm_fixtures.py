@@ -34,14 +34,20 @@ def tiny_vae(seed: int = 0, z_dim: int = 4, hidden: int = 16) -> SupervisedVAE:
     return SupervisedVAE("mlp", z_dim, hidden).eval()
 
 
-def make_checkpoint(directory, factors: FactorSCM | None = None, seed: int = 0) -> str:
-    """A checkpoint with the meta layout the trainer writes (config, manifest, scm)."""
+def make_checkpoint(directory, factors: FactorSCM | None = None, seed: int = 0, strides: dict | None = None,
+                    grid: dict | None = None) -> str:
+    """A checkpoint with the meta layout the trainer writes (config, manifest, scm): trained
+    on the grid `strides` make (the whole grid by default); `grid` declares its grid as the
+    trainer does (without it, the manifest's strides say, as for checkpoints from before)."""
     factors = factors or FactorSCM.uniform()
     config = Config()
     config.model.z_dim, config.model.hidden = 4, 16
-    manifest = {"generator": "render", "renderer": RENDERER_VERSION, "official_path": None, "strides": {}}
-    save_checkpoint(directory, tiny_vae(seed), {"config": config.to_dict(), "manifest": manifest,
-                                                 "epoch": 1, "metrics": {}, "scm": factors.to_dict()})
+    manifest = {"generator": "render", "renderer": RENDERER_VERSION, "official_path": None,
+                "grid": {"strides": dict(strides or {})}}
+    meta = {"config": config.to_dict(), "manifest": manifest, "epoch": 1, "metrics": {}, "scm": factors.to_dict()}
+    if grid is not None:
+        meta["grid"] = grid
+    save_checkpoint(directory, tiny_vae(seed), meta)
     return str(directory)
 
 

@@ -193,8 +193,9 @@ def test_killing_the_job_then_rerunning_gives_exactly_the_output(ray_session, ch
     # Nothing partial is visible: no committed folders, no success marker.
     assert not (out / "results").exists() and not (out / "errors").exists() and not (out / SUCCESS).exists()
     # Rerun twice into the same folder: the output is complete, without duplicates.
-    for _ in range(2):
-        run_query_job(checkpoint, tmp_path / "q.parquet", out, actors=1, batch_size=64, max_samples=8)
+    for overwrite in (False, True):  # the first rerun takes over the killed job's folder
+        run_query_job(checkpoint, tmp_path / "q.parquet", out, actors=1, batch_size=64, max_samples=8,
+                      overwrite=overwrite)
         results, errors = read_output(out)
         counts = dict(zip(*np.unique(results.column("query_id").to_numpy(zero_copy_only=False), return_counts=True)))
         valid = [(q, n) for q, n in zip(big.column("query_id").to_pylist(), big.column("num_samples").to_pylist())
@@ -217,14 +218,20 @@ def test_file_uris_for_checkpoint_queries_and_output(ray_session, checkpoint, ex
         assert results.sort_by(KEY).equals(want_results.sort_by(KEY))
         assert errors.sort_by("query_id").equals(want_errors.sort_by("query_id"))
     assert (tmp_path / "out" / SUCCESS).is_file() and not list((tmp_path / "out").glob("_staging-*"))
-    # A second run into the same URI replaces the output (no duplicates), a missing URI fails early.
-    run_query_job(Path(checkpoint).as_uri(), folder.as_uri(), out_uri, actors=1, batch_size=16, max_samples=8)
+    # A second run into the same URI is refused, unless it may overwrite: then it replaces the
+    # output (no duplicates). A missing URI fails early.
+    from cvae.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match=r"already holds a finished query output \(\d+ result rows\)"):
+        run_query_job(Path(checkpoint).as_uri(), folder.as_uri(), out_uri, actors=1, batch_size=16)
+    run_query_job(Path(checkpoint).as_uri(), folder.as_uri(), out_uri, actors=1, batch_size=16, max_samples=8,
+                  overwrite=True)
     assert read_output(out_uri)[0].num_rows == want_results.num_rows
     with pytest.raises(QuerySchemaError, match="no such file or folder"):
-        run_query_job(checkpoint, (tmp_path / "nowhere").as_uri(), out_uri)
+        run_query_job(checkpoint, (tmp_path / "nowhere").as_uri(), out_uri, overwrite=True)
     from cvae.model.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        run_query_job((tmp_path / "nowhere").as_uri(), folder.as_uri(), out_uri)
+        run_query_job((tmp_path / "nowhere").as_uri(), folder.as_uri(), out_uri, overwrite=True)
 
 
 def test_an_actor_pool_that_leaves_no_cpu_for_writing_is_refused(ray_session, checkpoint, tmp_path):
@@ -234,3 +241,40 @@ def test_an_actor_pool_that_leaves_no_cpu_for_writing_is_refused(ray_session, ch
     with pytest.raises(ConfigError, match=r"query\.actors: the Ray cluster has 4 CPUs"):
         run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out", actors=4)
     assert not (tmp_path / "out" / "_SUCCESS.json").exists()
+
+
+def test_a_finished_output_is_not_overwritten_silently(ray_session, checkpoint, tmp_path):
+    from cvae.errors import OutputExistsError
+
+    pq.write_table(queries(6), tmp_path / "q.parquet")
+    first = run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out", actors=1, batch_size=8)
+    before = (tmp_path / "out" / SUCCESS).read_text()
+    with pytest.raises(OutputExistsError, match=rf"already holds a finished query output \({first['result_rows']} "):
+        run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out", actors=1, batch_size=8)
+    assert (tmp_path / "out" / SUCCESS).read_text() == before  # untouched
+    proc = subprocess.run([sys.executable, "-m", "jobs.query", "--checkpoint", checkpoint, "--queries",
+                           str(tmp_path / "q.parquet"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "pass --overwrite" in proc.stderr
+    assert (tmp_path / "out" / SUCCESS).read_text() == before
+
+
+def test_an_empty_query_set_commits_an_empty_output(checkpoint, tmp_path, capsys):
+    """No Ray is needed (no ray_session): nothing is answered."""
+    from jobs import query
+
+    pq.write_table(queries(3).slice(0, 0), tmp_path / "empty.parquet")
+    summary = run_query_job(checkpoint, tmp_path / "empty.parquet", tmp_path / "out")
+    assert summary["queries"] == summary["result_rows"] == summary["error_rows"] == 0
+    results, errors = read_output(tmp_path / "out")
+    assert results.num_rows == errors.num_rows == 0
+    assert query.main(["--checkpoint", checkpoint, "--queries", str(tmp_path / "empty.parquet"),
+                       "--out", str(tmp_path / "again")]) == 0
+    assert "nothing to answer" in capsys.readouterr().out
+    assert query.summary_lines({**summary, "queries": 10, "error_rows": 4, "result_rows": 6, "off_grid_rows": 3,
+                                "seconds": 1.0}, "OUT") == [
+        "answered 6 of 10 queries in 1.0 s: 6 result rows in OUT/results",
+        "refused 4 queries, each with its reason, in OUT/errors",
+        "  3 of them name classes this model was not trained on (`python -m jobs.make_queries --checkpoint` "
+        "keeps a query set on its grid)",
+        "the run's record: OUT/_SUCCESS.json"]

@@ -283,7 +283,7 @@ def test_a_job_killed_mid_commit_then_rerun_leaves_every_row_once(bucket, tmp_pa
     monkeypatch.setattr(engine, "_move_file", real_move)
     files = listing(out)
     assert [f for f in files if f.startswith("results/")] == [moved[-1].split("/answers/", 1)[1]]
-    staged = sum(name.startswith("results/") for r in returns for name, _ in r)
+    staged = sum(name.startswith("results/") for r in returns for name, *_ in r)
     assert staged >= 2 and len([f for f in files if f.startswith("_staging-killed/results/")]) == staged - 1
     assert SUCCESS not in files
     with pytest.raises(FileNotFoundError, match="no committed output"):

@@ -138,15 +138,22 @@ class FactorSCM:
         return cls.from_config(manifest["scm"])
 
     def on_grid(self, strides: dict) -> FactorSCM:
-        """This SCM with every class off the dataset's grid (class % stride != 0) given
-        probability zero, each table row renormalised over the grid's classes (a row that
-        gave them no mass becomes uniform on them). A model trained on every 4th orientation
-        is then never asked to draw the others unasked."""
+        """This SCM on a strided grid: `on_classes` with every k-th class of each factor."""
         if not strides:
+            return self
+        return self.on_classes({f: np.arange(0, FACTOR_SIZES[f], int(strides.get(f, 1))) for f in FACTORS})
+
+    def on_classes(self, classes: dict) -> FactorSCM:
+        """This SCM with every class outside `classes` (per factor; a factor not named keeps
+        all of its classes) given probability zero, each table row renormalised over the kept
+        classes (a row that gave them no mass becomes uniform on them). A model trained on
+        every 4th orientation is then never asked to draw the others unasked."""
+        keeps = {f: np.isin(np.arange(FACTOR_SIZES[f]), classes[f]) if f in classes else None for f in FACTORS}
+        if all(k is None or k.all() for k in keeps.values()):
             return self
         tables = {}
         for f in FACTORS:
-            keep = np.arange(FACTOR_SIZES[f]) % int(strides.get(f, 1)) == 0
+            keep = keeps[f] if keeps[f] is not None else np.ones(FACTOR_SIZES[f], dtype=bool)
             table = np.where(keep, self.tables[f], 0.0)
             sums = table.sum(axis=-1, keepdims=True)
             tables[f] = np.where(sums > 0, table / np.where(sums > 0, sums, 1.0), keep / keep.sum())

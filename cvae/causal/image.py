@@ -24,7 +24,7 @@ from pyro import poutine
 from torch.distributions import constraints
 
 from cvae.causal.factors import FactorSCM, ScmError
-from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE
+from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, ModelGrid
 from cvae.malloc import keep_freed_memory
 from cvae.rng import STREAM_PIXELS, STREAM_POSTERIOR, STREAM_Z, uniforms
 
@@ -57,7 +57,7 @@ class ImageSCM:
     """FactorSCM + the VAE decoder (mechanism of x) and encoder (abduction of z)."""
 
     def __init__(self, vae, factors: FactorSCM, abduct_z: str = "mean", ground_truth=None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, grid: ModelGrid | None = None):
         if abduct_z not in ("mean", "sample"):
             raise ScmError(f"abduct_z must be 'mean' or 'sample', got {abduct_z!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,26 +66,28 @@ class ImageSCM:
         self.abduct_z = abduct_z
         self.z_dim = vae.z_dim
         self.ground_truth = ground_truth
+        # The classes the model answers (its checkpoint's declaration): queries naming any
+        # other are refused (cvae.serve.queries), and the factor SCM draws only these.
+        self.grid = grid or ModelGrid.whole()
+        self.factors = factors.on_classes(self.grid.classes)
         keep_freed_memory()  # the answer path's big float64 temporaries (cvae.malloc)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> ImageSCM:
         """Load the VAE and the SCM recorded in the checkpoint's meta ("scm", "config", "manifest")."""
-        from cvae.model.checkpoint import load_checkpoint
+        from cvae.model.checkpoint import load_checkpoint, model_grid
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae, meta = load_checkpoint(directory, device=dev)
         factors = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
-        manifest = meta.get("manifest") or {}
-        if manifest.get("generator") in ("render", "import"):  # (checkpoints from before on_grid)
-            factors = factors.on_grid((manifest.get("grid") or {}).get("strides") or {})
         abduct_z = (meta.get("config") or {}).get("scm", {}).get("abduct_z", "mean")
         ground_truth = None
         if meta.get("manifest"):
             from cvae.data.groundtruth import GroundTruth
 
             ground_truth = GroundTruth.from_manifest(meta["manifest"])
-        return cls(vae, factors, abduct_z=abduct_z, ground_truth=ground_truth, device=dev)
+        return cls(vae, factors, abduct_z=abduct_z, ground_truth=ground_truth, device=dev,
+                   grid=model_grid(meta))
 
     # ----------------------------------------------------------------- networks
 

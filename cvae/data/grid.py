@@ -101,3 +101,117 @@ def rule_mask(classes: np.ndarray, rules: list[dict]) -> np.ndarray:
             hit &= np.isin(classes[:, FACTORS.index(name)], allowed)
         mask |= hit
     return mask
+
+
+# --------------------------------------------------------------------------- a model's grid
+
+OFF_GRID = "is not on this model's grid"  # in every refusal's text, so jobs can count them
+
+
+class ModelGrid:
+    """The classes of each factor a model answers: the ones it was trained on (a strided or
+    held-out dataset trains on fewer than the whole grid), or more where a measurement showed
+    that it answers others right. A checkpoint declares it (`checkpoint.json` "grid");
+    queries naming any other class are refused with `refusal`, never answered from a class
+    code the model never trained.
+
+    `why` says, per factor that lacks classes, where the restriction comes from (for
+    example "data.strides.orientation: 8"), for the refusal's text.
+    """
+
+    def __init__(self, classes: dict, why: dict | None = None):
+        self.classes = {f: np.unique(np.asarray(classes.get(f, np.arange(FACTOR_SIZES[f])), dtype=np.int64))
+                        for f in FACTORS}
+        for f, c in self.classes.items():
+            if not len(c) or c[0] < 0 or c[-1] >= FACTOR_SIZES[f]:
+                raise ValueError(f"grid: {f} classes must be a non-empty subset of 0..{FACTOR_SIZES[f] - 1}")
+        self.why = {f: str(w) for f, w in (why or {}).items() if f in FACTORS}
+        self._member = {f: np.isin(np.arange(FACTOR_SIZES[f]), c) for f, c in self.classes.items()}
+
+    @classmethod
+    def whole(cls) -> ModelGrid:
+        return cls({})
+
+    @classmethod
+    def of_manifest(cls, manifest: dict) -> ModelGrid:
+        """The classes a dataset trains on: its manifest's `train_classes` (counted from the
+        training split when the shards were written), else, for manifests from before that,
+        the strided grid less the classes that held-out rules remove entirely."""
+        strides = {f: int(s) for f, s in ((manifest.get("grid") or {}).get("strides") or {}).items()}
+        if manifest.get("train_classes"):
+            grid = cls(manifest["train_classes"])
+        elif manifest.get("generator") == "scm":
+            return cls.whole()  # the SCM's own zero-probability checks cover what it never drew
+        else:
+            rows = factor_classes(strides)
+            rows = rows[~rule_mask(rows, manifest.get("holdout") or [])]
+            grid = cls({f: rows[:, i] for i, f in enumerate(FACTORS)})
+        for f in FACTORS:
+            strided = np.arange(0, FACTOR_SIZES[f], strides.get(f, 1))
+            reasons = [f"data.strides.{f}: {strides[f]}"] if strides.get(f, 1) > 1 else []
+            if len(np.setdiff1d(strided, grid.classes[f])):
+                reasons.append("data.holdout" if manifest.get("holdout") else "absent from the training split")
+            if reasons:
+                grid.why[f] = " and ".join(reasons)
+        return grid
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelGrid:
+        return cls(data.get("classes") or {}, data.get("why") or {})
+
+    def to_dict(self) -> dict:
+        return {"classes": {f: c.tolist() for f, c in self.classes.items()}, "why": dict(self.why)}
+
+    def is_whole(self, factor: str | None = None) -> bool:
+        factors = [factor] if factor else FACTORS
+        return all(len(self.classes[f]) == FACTOR_SIZES[f] for f in factors)
+
+    def contains(self, factor: str, values: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of the classes `values` (in range) the model answers."""
+        return self._member[factor][np.asarray(values, dtype=np.int64)]
+
+    def contains_rows(self, classes: np.ndarray) -> np.ndarray:
+        """(n,) bool: which (n, 5) factor-class rows have every factor on the grid."""
+        classes = np.asarray(classes, dtype=np.int64)
+        ok = np.ones(len(classes), dtype=bool)
+        for i, f in enumerate(FACTORS):
+            ok &= self._member[f][classes[:, i]]
+        return ok
+
+    def indices(self) -> np.ndarray:
+        """The official indices of every image on the grid, ascending: the source_index
+        values a counterfactual may name."""
+        mesh = np.meshgrid(*[self.classes[f] for f in FACTORS], indexing="ij")
+        return classes_to_index(np.stack([m.ravel() for m in mesh], axis=1))
+
+    def size(self) -> int:
+        return int(np.prod([len(c) for c in self.classes.values()]))
+
+    def describe(self, factor: str) -> str:
+        """The factor's classes, short: "0, 8, 16, 24, 32" or "0, 2, 4, ..., 30 (every 2nd)"."""
+        c = self.classes[factor].tolist()
+        steps = np.diff(c)
+        if len(c) > 6 and len(set(steps.tolist())) == 1:
+            return f"{c[0]}, {c[1]}, {c[2]}, ..., {c[-1]} (every {_ordinal(int(steps[0]))})"
+        return ", ".join(map(str, c))
+
+    def refusal(self, name: str, factor: str, value: int) -> str:
+        """The error text for a query naming `value` of `factor` as column `name`."""
+        why = self.why.get(factor)
+        return (f"{name}={value} {OFF_GRID} (trained on {factor} {self.describe(factor)} of "
+                f"0..{FACTOR_SIZES[factor] - 1}{': ' + why if why else ''}); ask for one of those, "
+                f"or use a model of the whole grid such as the pretrained one (--checkpoint pretrained)")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelGrid) and all(
+            np.array_equal(self.classes[f], other.classes[f]) for f in FACTORS)
+
+    def __repr__(self) -> str:
+        if self.is_whole():
+            return "ModelGrid(whole grid: 737,280 images)"
+        parts = [f"{f} {self.describe(f)}" for f in FACTORS if not self.is_whole(f)]
+        return f"ModelGrid({self.size():,} images: {'; '.join(parts)}; other factors whole)"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'tsnrhtdd'[(n // 10 % 10 != 1) * (n % 10 < 4) * n % 10::4]}"

@@ -253,6 +253,9 @@ def write_dataset(config: Config, out_dir: str | Path,
         "validation_fraction": data.validation_fraction,
         "holdout": data.holdout,
         "counts": {split: int(len(rows[split])) for split in SPLITS},
+        # The classes each factor takes in the training split: the grid a model trained on
+        # this dataset answers (cvae.data.grid.ModelGrid).
+        "train_classes": {f: np.unique(classes[rows["train"], i]).tolist() for i, f in enumerate(FACTORS)},
         "compression": data.compression,
         "chunk_rows": data.chunk_rows,
         "num_shards": total,

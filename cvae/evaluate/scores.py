@@ -366,12 +366,18 @@ def _group_names(do: np.ndarray) -> np.ndarray:
 
 
 def _parts(classes_cf: np.ndarray, factual: np.ndarray, holdout: list) -> dict[str, np.ndarray]:
+    """The row subsets each group is also scored on: all rows; held-out combinations and the
+    rest; and each scale of the true counterfactual image ("scale=k": small shapes are where
+    a model misses most, so the report breaks quality down by the scale it had to draw)."""
     from cvae.data.shards import holdout_mask
 
-    if not holdout:
-        return {"all": np.ones(len(classes_cf), dtype=bool)}
-    held = holdout_mask(classes_cf, holdout) | holdout_mask(factual, holdout)
-    return {"all": np.ones(len(held), dtype=bool), "holdout": held, "seen": ~held}
+    parts = {"all": np.ones(len(classes_cf), dtype=bool)}
+    if holdout:
+        held = holdout_mask(classes_cf, holdout) | holdout_mask(factual, holdout)
+        parts.update({"holdout": held, "seen": ~held})
+    scale = classes_cf[:, FACTORS.index("scale")]
+    parts.update({f"scale={k}": scale == k for k in range(FACTOR_SIZES["scale"])})
+    return parts
 
 
 def _add(groups: dict, answers: str, names: np.ndarray, parts: dict, fn) -> None:
@@ -625,6 +631,8 @@ def _report(st: _State, rows: int, unmatched: int, results, checkpoint, queries)
     }
     if st.holdout:
         report["holdout"] = {part: _section(st.groups, "model", part) for part in ("holdout", "seen")}
+    report["by_scale"] = {str(k): _section(st.groups, "model", f"scale={k}")["overall"]
+                          for k in range(FACTOR_SIZES["scale"])}
     return report
 
 
@@ -743,7 +751,7 @@ def markdown(report: dict) -> str:
                    f"{_fmt(random.get('effectiveness_by_factor', {}).get(f))} | "
                    f"{_fmt(random.get('preservation_by_factor', {}).get(f))} |")
 
-    out += _md_composition(report) + _md_controls(report, model)
+    out += _md_by_scale(report) + _md_composition(report) + _md_controls(report, model)
     if report.get("families"):
         out += ["", "## Conditioning versus intervening", "",
                 "Each question asked `samples` times through the query job; the answer images read "
@@ -759,6 +767,23 @@ def markdown(report: dict) -> str:
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(out) + "\n"
+
+
+def _md_by_scale(report: dict) -> list[str]:
+    """Intervened rows by the scale class of the true counterfactual image."""
+    rows = {k: s for k, s in (report.get("by_scale") or {}).items() if s}
+    if not rows:
+        return []
+    out = ["", "## By scale of the counterfactual image (intervened rows)", "",
+           "| scale | rows | IoU | effectiveness | preservation | " + " | ".join(
+               f"{f} eff. / pres." for f in FACTORS) + " |",
+           "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(FACTORS)]
+    for k, s in rows.items():
+        cells = [f"{_fmt(s['effectiveness_by_factor'].get(f))} / {_fmt(s['preservation_by_factor'].get(f))}"
+                 for f in FACTORS]
+        out.append(f"| {k} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['effectiveness'])} | "
+                   f"{_fmt(s['preservation'])} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _md_composition(report: dict) -> list[str]:

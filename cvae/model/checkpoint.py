@@ -29,12 +29,18 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
+from cvae.data.grid import ModelGrid
 from cvae.model.networks import SupervisedVAE
 
 WEIGHTS = "model.pt"
 META = "checkpoint.json"
 OPTIMIZER = "optimizer.pt"
 EPOCH_PREFIX = "checkpoint_epoch_"  # the trainer's checkpoint folders inside a run folder
+# The name that stands for the whole-grid model shipped inside the package (cvae/pretrained/,
+# written by `python -m jobs.export_pretrained`), wherever a checkpoint is asked for.
+PRETRAINED = "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+CHECKSUMS = "SHA256SUMS"  # beside the pretrained files: "<sha256>  <file>" per line
 
 
 class CheckpointError(ValueError):
@@ -89,6 +95,10 @@ def resolve_checkpoint(path: str | Path, say: Callable[[str], None] | None = Non
     """
     from cvae import fs
 
+    if str(path) == PRETRAINED:
+        checkpoint = str(pretrained_checkpoint())
+        (say or _to_stderr)(f"checkpoint: {checkpoint} (the pretrained whole-grid model, checksums verified)")
+        return checkpoint
     expected = (f"expected a checkpoint folder (holding {META} and {WEIGHTS}) or a training run "
                 f"folder (holding {EPOCH_PREFIX}* folders, directly or one level down)")
     try:
@@ -155,6 +165,42 @@ def check_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"not a checkpoint: {weights} is missing") from None
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"not a checkpoint: {weights}: {exc}") from None
+
+
+def pretrained_checkpoint() -> Path:
+    """The pretrained checkpoint's folder, after checking every file against its SHA256SUMS:
+    a missing or altered file is a CheckpointError naming it."""
+    import hashlib
+
+    sums = PRETRAINED_DIR / CHECKSUMS
+    if not sums.is_file():
+        raise CheckpointError(f"no pretrained model in this installation: {sums} is missing "
+                              f"(python -m jobs.export_pretrained writes it)")
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        path = PRETRAINED_DIR / name.strip()
+        if not path.is_file():
+            raise CheckpointError(f"pretrained model: {path} is missing")
+        found = hashlib.sha256(path.read_bytes()).hexdigest()
+        if found != digest:
+            raise CheckpointError(f"pretrained model: {path} does not match its checksum in {sums} "
+                                  f"(sha256 {found}, expected {digest}): reinstall cvae")
+    return PRETRAINED_DIR
+
+
+def model_grid(meta: dict) -> ModelGrid:
+    """The classes a checkpoint answers: its declared "grid", else (checkpoints from before
+    the declaration) the grid of the data it was trained on, else the whole grid."""
+    if meta.get("grid"):
+        try:
+            return ModelGrid.from_dict(meta["grid"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint.json: 'grid' is malformed: {exc}") from None
+    if meta.get("manifest"):
+        return ModelGrid.of_manifest(meta["manifest"])
+    return ModelGrid.whole()
 
 
 def _check_world(path: str | Path, meta: dict) -> None:

@@ -306,7 +306,7 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
         return
     meta = {
         "config": config.to_dict(), "manifest": loop_config["manifest"],
-        "scm": loop_config["scm"], "epoch": epoch, "attempt": record["attempt"],
+        "scm": loop_config["scm"], "grid": loop_config.get("grid"), "epoch": epoch, "attempt": record["attempt"],
         "placement": loop_config["placement"],
         "metrics": _json_safe(record), "history": _json_safe(history),
     }
@@ -451,6 +451,7 @@ def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_
     """What every worker needs (plain data: it is pickled to each one), checked here first."""
     from cvae import fs
     from cvae.causal.factors import FactorSCM
+    from cvae.data.grid import ModelGrid
     from cvae.data.reader import load_split
     from cvae.data.shards import MANIFEST, read_manifest
 
@@ -462,9 +463,9 @@ def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_
     with fs.staged(data_uri, only=None if fit else [MANIFEST]) as data_local:
         manifest = read_manifest(data_local)
         classes = load_split(data_local, "train")["classes"] if fit else None
-        scm = FactorSCM.from_config(config.scm, classes)
-        if manifest.get("generator") in ("render", "import"):  # an SCM sample has no strides
-            scm = scm.on_grid((manifest.get("grid") or {}).get("strides") or {})
+        # The model answers the classes it trains on, and its SCM draws only those.
+        grid = ModelGrid.of_manifest(manifest)
+        scm = FactorSCM.from_config(config.scm, classes).on_classes(grid.classes)
     local_mode = config.train.num_workers == 0
     if local_mode and remote:
         raise ConfigError(f"train.num_workers: 0 (local mode) writes checkpoints to a local "
@@ -480,7 +481,8 @@ def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_
         # The typed Config itself crosses the Ray boundary (pickled), so workers get what
         # the driver validated; checkpoints store its dict.
         "config": config, "data_dir": data_uri, "manifest": manifest,
-        "manifest_counts": counts, "scm": scm.to_dict(), "score": score, "out": out, "remote": remote,
+        "manifest_counts": counts, "scm": scm.to_dict(), "grid": grid.to_dict(), "score": score,
+        "out": out, "remote": remote,
         "local_mode": local_mode, "run_dir": fs.join(out, run_name), "run_name": run_name,
         # Per-epoch metrics and curve, refreshed by rank 0 (a local folder only).
         "progress_dir": None if remote else out,

@@ -2,6 +2,8 @@
 
     from cvae import CausalModel
     m = CausalModel.load("runs/local/train")     # a run folder (its best checkpoint) or one checkpoint
+    m = CausalModel.load("pretrained")           # the whole-grid model that ships with cvae
+    m.grid                                       # the classes it answers; m.grid.indices(): its images
     x = m.counterfactual(source_index=1234, do={"shape": "heart"})        # (64, 64) bool
     x = m.counterfactual(image=img, factors={...}, do={"scale": 5}, num_samples=4, seed=0)  # (4, 64, 64)
     xs = m.intervene(do={"scale": 5}, num_samples=8, seed=0)              # (8, 64, 64)
@@ -55,7 +57,17 @@ import numpy as np
 import pyarrow as pa
 
 from cvae.causal.image import ImageSCM
-from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, LATENT_VALUES, SHAPE_NAMES
+from cvae.data.grid import (
+    FACTOR_SIZES,
+    FACTORS,
+    IMAGE_SIZE,
+    LATENT_VALUES,
+    NUM_IMAGES,
+    SHAPE_NAMES,
+    ModelGrid,
+    classes_to_index,
+    index_to_classes,
+)
 from cvae.data.images import decode_image
 from cvae.serve.queries import KINDS, QUERY_SCHEMA, answer_queries
 
@@ -212,6 +224,29 @@ class CausalModel:
 
     def __repr__(self) -> str:
         return f"CausalModel({self.checkpoint!r}, device={str(self.scm.device)!r})"
+
+    @property
+    def grid(self) -> ModelGrid:
+        """The classes of each factor this model answers (`grid.classes[factor]`), as its
+        checkpoint declares: the classes it was trained on. A query naming any other class is
+        refused with a ValueError that names it. `grid.indices()` lists every source_index
+        it accepts."""
+        return self.scm.grid
+
+    def source_index(self, factors: Mapping) -> int:
+        """The official grid index of an image given all five factors (values as in `do`)."""
+        classes = factor_classes(factors, "factors")
+        missing = [f for f in FACTORS if f not in classes]
+        if missing:
+            raise ValueError(f"factors: missing {', '.join(missing)} (an index needs all five)")
+        return int(classes_to_index(np.array([[classes[f] for f in FACTORS]]))[0])
+
+    def factors(self, source_index: int) -> dict[str, int]:
+        """The five factor classes of an official grid index."""
+        index = _int_or_none(source_index, "source_index")
+        if index is None or not 0 <= index < NUM_IMAGES:
+            raise ValueError(f"source_index={source_index!r} is out of range [0, {NUM_IMAGES})")
+        return dict(zip(FACTORS, (int(c) for c in index_to_classes(np.array([index]), with_color=False)[0])))
 
     @property
     def device(self):

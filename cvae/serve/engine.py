@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,7 +49,8 @@ from ray.data import Datasink
 
 from cvae import fs as cfs
 from cvae.config import ConfigError
-from cvae.errors import OutputLocationError
+from cvae.data.grid import OFF_GRID
+from cvae.errors import OutputExistsError, OutputLocationError
 from cvae.localray import init_ray
 from cvae.serve.lease import OutputLease
 from cvae.serve.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
@@ -107,8 +109,10 @@ class QueryActor:
         import torch
 
         from cvae.causal.image import ImageSCM
-        from cvae.model.checkpoint import META, WEIGHTS
+        from cvae.model.checkpoint import META, PRETRAINED, WEIGHTS, pretrained_checkpoint
 
+        if checkpoint == PRETRAINED:  # the copy installed on this actor's node, checksums checked
+            checkpoint = str(pretrained_checkpoint())
         # As many matmul threads as CPUs reserved for this actor (Ray sets one otherwise).
         torch.set_num_threads(max(1, threads))
         # A URI is copied to local disk for the load (weights and meta only), then removed.
@@ -210,7 +214,9 @@ class AtomicParquetSink(Datasink):
         self.fs.create_dir(f"{self.staging}/results", recursive=True)
         self.fs.create_dir(f"{self.staging}/errors", recursive=True)
 
-    def write(self, blocks: Iterable, ctx) -> list[tuple[str, int]]:
+    def write(self, blocks: Iterable, ctx) -> list[tuple[str, int, int]]:
+        """Stage the blocks' result and error rows; returns (file, rows, rows refused as off
+        the model's grid) per file written."""
         from ray.data.block import BlockAccessor
 
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -229,14 +235,17 @@ class AtomicParquetSink(Datasink):
                 tmp = f"{self.staging}/{folder}/.{name}.tmp"
                 pq.write_table(part, tmp, filesystem=self.fs)
                 self.fs.move(tmp, final)  # a file under its final name is always complete
-                written.append((f"{folder}/{name}", part.num_rows))
+                off_grid = 0
+                if folder == "errors":
+                    off_grid = pc.sum(pc.match_substring(part.column("error"), OFF_GRID)).as_py() or 0
+                written.append((f"{folder}/{name}", part.num_rows, off_grid))
         return written
 
     def on_write_complete(self, write_result) -> None:
         if self.lease is not None:
             self.lease.check()  # another job took the folder over: its output, not ours
         reported = [item for returned in write_result.write_returns for item in (returned or [])]
-        keep = {name for name, _ in reported}
+        keep = {name for name, *_ in reported}
         staged = set()
         for folder in ("results", "errors"):
             for f in _children(self.fs, f"{self.staging}/{folder}"):
@@ -249,11 +258,12 @@ class AtomicParquetSink(Datasink):
                 f"output {self.about.get('out', self.out)}: {len(keep - staged)} file(s) written by this job are "
                 f"missing from {self.staging} (deleted by another job writing into the folder?); not committing")
         counts = {"results": 0, "errors": 0}
-        for name, rows in reported:
+        for name, rows, _ in reported:
             counts[name.split("/")[0]] += rows
         self.summary = {"result_rows": counts["results"], "error_rows": counts["errors"],
-                        "result_files": sum(n.startswith("results/") for n, _ in reported),
-                        "error_files": sum(n.startswith("errors/") for n, _ in reported),
+                        "off_grid_rows": sum(off for *_, off in reported),
+                        "result_files": sum(n.startswith("results/") for n, *_ in reported),
+                        "error_files": sum(n.startswith("errors/") for n, *_ in reported),
                         **self.about}
         if self.started is not None:
             self.summary["seconds"] = round(time.time() - self.started, 3)
@@ -297,7 +307,7 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
                   actors: int = 2, batch_size: int = 4096, gpus_per_actor: float = 0.0,
                   cpus_per_actor: float = 1.0, max_samples: int = 64,
                   ray_address: str | None = None, num_cpus: int | None = None,
-                  lease_timeout: float | None = None) -> dict:
+                  lease_timeout: float | None = None, overwrite: bool = False) -> dict:
     """Answer every query of a Parquet file or folder into out_dir (see the module docstring).
 
     Each of the three locations may be a local path or a pyarrow filesystem URI; the
@@ -310,18 +320,27 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     While it runs the job holds the output folder's lease (cvae.serve.lease; stale after
     `lease_timeout` seconds without a heartbeat, default 60 or $CVAE_LEASE_TIMEOUT_S): a
     second job into the same folder raises OutputBusyError before any Ray work.
+
+    A folder that already holds a committed output (_SUCCESS.json) is refused with
+    OutputExistsError unless `overwrite`; one left by a killed job (no _SUCCESS.json) is
+    taken over as always. An empty query set commits an empty output without starting Ray.
     """
-    from cvae.model.checkpoint import check_checkpoint, resolve_checkpoint
+    from cvae.model.checkpoint import PRETRAINED, check_checkpoint, resolve_checkpoint
 
     started = time.time()
+    pretrained = str(checkpoint_dir) == PRETRAINED
     # A run folder becomes its best checkpoint; a missing, corrupt or malicious checkpoint
     # fails here in the driver, before Ray starts, not in every actor.
     checkpoint_dir = resolve_checkpoint(checkpoint_dir)
     check_checkpoint(checkpoint_dir)
     fs, files, rows, duplicates = inspect_queries(queries_path)
     cfs.check_writable(out_dir)  # /proc/x or a read-only bucket fails here, not after the actors
+    if not overwrite:
+        _refuse_finished(out_dir)
     # Actors may run on other nodes: give them an absolute path (or the URI as is).
     checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
+    if pretrained:  # each node's own installed copy: the package's path may differ between nodes
+        checkpoint = PRETRAINED
     run_id = uuid.uuid4().hex
     try:
         # on_write_complete runs here in the driver, so the sink's summary is the job's.
@@ -332,9 +351,28 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     except ValueError as exc:
         raise OutputLocationError(f"output {out_dir}: {exc}") from None
     with lease:  # OutputBusyError while another live job writes into out_dir
-        _run(sink, checkpoint, files, fs, duplicates, actors, block_rows(rows, batch_size, actors), gpus_per_actor,
-             cpus_per_actor, max_samples, ray_address, num_cpus)
+        if rows == 0:  # nothing to answer: an empty committed output, no Ray
+            sink.on_write_start()
+            sink.on_write_complete(SimpleNamespace(write_returns=[]))
+        else:
+            _run(sink, checkpoint, files, fs, duplicates, actors, block_rows(rows, batch_size, actors),
+                 gpus_per_actor, cpus_per_actor, max_samples, ray_address, num_cpus)
     return sink.summary
+
+
+def _refuse_finished(out_dir: str | Path) -> None:
+    """OutputExistsError, in one line, for a folder holding a committed output."""
+    fs, out = cfs.resolve(out_dir)
+    marker = f"{out.rstrip('/')}/{SUCCESS}"
+    if not _exists(fs, marker):
+        return
+    try:
+        rows = json.loads(fs.open_input_stream(marker).read()).get("result_rows")
+    except (OSError, ValueError, AttributeError):
+        rows = None
+    held = f" ({rows:,} result rows)" if isinstance(rows, int) else ""
+    raise OutputExistsError(f"output {out_dir}: already holds a finished query output{held}, committed by "
+                            f"{SUCCESS}; pass --overwrite (overwrite=True) to replace it, or choose another folder")
 
 
 def block_rows(rows: int, batch_size: int, actors: int) -> int:

@@ -19,9 +19,15 @@ A spec (YAML or a dict) names the sources, the interventions and the samples:
     id_prefix: ""                  # prepended to every query_id
 
 `all`, `other` and `random_other` range over the factor's classes in the sources' grid: the
-dataset's grid for a split (its manifest's strides: a model trained on every 4th orientation
-is not asked for the others), the given strides for grid sources, every class for indices.
-A list of classes reaches any class.
+dataset's grid for a split (the classes its training split holds: a model trained on every 4th
+orientation is not asked for the others), the given strides for grid sources, every class for
+indices. A list of classes reaches any class.
+
+A model's grid (`grid`: the classes a checkpoint answers, `jobs.make_queries --checkpoint`;
+for split sources without one, the dataset's own) bounds every query: sources with a class
+off it are skipped, value modes range over its classes only, and listed values or joint
+interventions off it are skipped. The summary counts what was skipped (`skipped_off_grid`),
+so a set never holds a row the model would refuse.
 
 The output holds `part-00000.parquet`, ... (query rows in the query schema of
 docs/DESIGN) and `_summary.json`. Rows are produced a chunk of sources at a time
@@ -47,7 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cvae import fs
-from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, grid_indices, index_to_classes, rule_mask
+from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, ModelGrid, grid_indices, index_to_classes, rule_mask
 from cvae.rng import hash_parts
 from cvae.serve.schema import QUERY_SCHEMA
 
@@ -197,8 +203,11 @@ def _int(value: Any, where: str, minimum: int | None = None, maximum: int | None
 
 # ----------------------------------------------------------------------------- sources
 
-def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None) -> np.ndarray:
-    """The official indices of the sources, ascending (a sample keeps ascending order)."""
+def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None,
+                   grid: ModelGrid | None = None, skipped: dict | None = None) -> np.ndarray:
+    """The official indices of the sources, ascending (a sample keeps ascending order); with
+    a model's `grid`, only sources on it (the others counted in `skipped["sources"]`, before
+    any sample is drawn)."""
     if "indices" in sources:
         idx = np.sort(np.asarray(sources["indices"], dtype=np.int64))
     elif "split" in sources:
@@ -207,12 +216,17 @@ def source_indices(sources: dict, seed: int, data_dir: str | Path | None = None)
         idx = grid_indices(sources["grid"])
     if "filter" in sources:
         idx = idx[rule_mask(index_to_classes(idx, with_color=False), [sources["filter"]])]
+    if grid is not None and not grid.is_whole():
+        on = grid.contains_rows(index_to_classes(idx, with_color=False))
+        if skipped is not None:
+            skipped["sources"] = skipped.get("sources", 0) + int((~on).sum())
+        idx = idx[on]
     if "sample" in sources and sources["sample"] < len(idx):
         # A seeded permutation of the candidates: the first n (sorted) are the sample.
         order = np.argsort(hash_parts(np.uint64(seed), idx.astype(np.uint64), np.uint64(0x5A)), kind="stable")
         idx = np.sort(idx[order[: sources["sample"]]])
     if len(idx) == 0:
-        raise SpecError("spec.sources: selects no sources")
+        raise SpecError("spec.sources: selects no sources" + (f" on the model's grid ({grid!r})" if grid else ""))
     return idx
 
 
@@ -223,17 +237,27 @@ def _split_data(sources: dict, data_dir: str | Path | None) -> str | Path:
     return data_dir
 
 
-def value_classes(sources: dict, data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
-    """The classes `all`, `other` and `random_other` range over, per factor: those of the
-    sources' grid (see the module docstring)."""
-    if "split" in sources:
-        from cvae.data.shards import MANIFEST, read_manifest
+def model_grid(sources: dict, data_dir: str | Path | None = None, grid: ModelGrid | None = None) -> ModelGrid | None:
+    """The grid that bounds the queries: the given model's, else for split sources the
+    dataset's (what a model trained on it answers), else None (the whole grid)."""
+    if grid is not None or "split" not in sources:
+        return grid
+    from cvae.data.shards import MANIFEST, read_manifest
 
-        with fs.staged(_split_data(sources, data_dir), only=[MANIFEST]) as local:
-            strides = read_manifest(local)["grid"]["strides"]
-    else:
-        strides = sources.get("grid", {})
-    return {f: np.arange(0, FACTOR_SIZES[f], strides.get(f, 1), dtype=np.int64) for f in FACTORS}
+    with fs.staged(_split_data(sources, data_dir), only=[MANIFEST]) as local:
+        return ModelGrid.of_manifest(read_manifest(local))
+
+
+def value_classes(sources: dict, data_dir: str | Path | None = None,
+                  grid: ModelGrid | None = None) -> dict[str, np.ndarray]:
+    """The classes `all`, `other` and `random_other` range over, per factor: those of the
+    sources' grid, within the model's `grid` (see the module docstring)."""
+    grid = model_grid(sources, data_dir, grid)
+    strides = sources.get("grid", {}) if "grid" in sources else {}
+    domain = {f: np.arange(0, FACTOR_SIZES[f], strides.get(f, 1), dtype=np.int64) for f in FACTORS}
+    if grid is not None:
+        domain = {f: c[grid.contains(f, c)] for f, c in domain.items()}
+    return domain
 
 
 def split_indices(data_dir: str | Path, split: str) -> np.ndarray:
@@ -298,13 +322,22 @@ def _entry_rows(entry: dict, e: int, src: np.ndarray, classes: np.ndarray, seed:
     return pos, do
 
 
-def _chunk_table(spec: dict, src: np.ndarray, domain: dict[str, np.ndarray]) -> pa.Table:
-    """All query rows for a chunk of sources, duplicates (same source and do) dropped."""
+def _chunk_table(spec: dict, src: np.ndarray, domain: dict[str, np.ndarray],
+                 grid: ModelGrid | None = None, skipped: dict | None = None) -> pa.Table:
+    """All query rows for a chunk of sources, duplicates (same source and do) dropped, and
+    rows whose do names a class off the model's `grid` (counted in `skipped["queries"]`)."""
     classes = index_to_classes(src, with_color=False)
     parts = [_entry_rows(entry, e, src, classes, spec["seed"], domain)
              for e, entry in enumerate(spec["interventions"])]
     pos = np.concatenate([p for p, _ in parts])
     do = np.concatenate([d for _, d in parts])
+    if grid is not None and not grid.is_whole():
+        on = np.ones(len(do), dtype=bool)
+        for j, f in enumerate(FACTORS):
+            on &= (do[:, j] < 0) | grid.contains(f, np.maximum(do[:, j], 0))
+        if skipped is not None:
+            skipped["queries"] = skipped.get("queries", 0) + int((~on).sum())
+        pos, do = pos[on], do[on]
     if len(parts) > 1:
         # Order rows by source, then by intervention, and drop repeats of a (source, do) that
         # two entries both produced: one sort of a single int64 key per row.
@@ -362,25 +395,30 @@ def _rows_per_source(spec: dict) -> int:
 
 
 def iter_query_tables(spec: dict, data_dir: str | Path | None = None,
-                      domain: dict[str, np.ndarray] | None = None) -> Iterator[pa.Table]:
+                      domain: dict[str, np.ndarray] | None = None, grid: ModelGrid | None = None,
+                      skipped: dict | None = None) -> Iterator[pa.Table]:
     """Yield the query set as Arrow tables of at most about CHUNK_ROWS rows each
-    (`domain`: value_classes of the spec's sources, if the caller already has them)."""
+    (`domain`: value_classes of the spec's sources, if the caller already has them; `grid`:
+    the model's, see the module docstring; `skipped` counts the sources and queries off it)."""
     spec = validate_spec(spec)
-    src = source_indices(spec["sources"], spec["seed"], data_dir)
-    domain = domain if domain is not None else value_classes(spec["sources"], data_dir)
+    grid = model_grid(spec["sources"], data_dir, grid)
+    src = source_indices(spec["sources"], spec["seed"], data_dir, grid, skipped)
+    domain = domain if domain is not None else value_classes(spec["sources"], data_dir, grid)
     for i, entry in enumerate(spec["interventions"]):
         if entry.get("values") in ("other", "random_other") and len(domain[entry["factor"]]) < 2:
             raise SpecError(f"spec.interventions[{i}].values: the sources' grid has a single "
                             f"{entry['factor']} class, so no other value")
     step = max(1, CHUNK_ROWS // _rows_per_source(spec))
     for start in range(0, len(src), step):
-        yield _chunk_table(spec, src[start:start + step], domain)
+        yield _chunk_table(spec, src[start:start + step], domain, grid, skipped)
 
 
 # ----------------------------------------------------------------------------- writing
 
-def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = None) -> dict:
-    """Write the query set of `spec` under `out_dir` (path or URI); returns the summary.
+def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = None,
+                 grid: ModelGrid | None = None) -> dict:
+    """Write the query set of `spec` under `out_dir` (path or URI) within the model's `grid`
+    (None: the dataset's for split sources, else the whole grid); returns the summary.
 
     Files are `part-NNNNN.parquet`, each written under a hidden temporary name and
     renamed when complete, plus `_summary.json`. Parts from an earlier run in the same
@@ -400,9 +438,10 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
                 os.replace(local / f".{files[-1]}.tmp", local / files[-1])
                 writer = None
 
-        num_sources = 0
-        domain = value_classes(spec["sources"], data_dir)
-        for table in iter_query_tables(spec, data_dir, domain):
+        num_sources, skipped = 0, {"sources": 0, "queries": 0}
+        grid = model_grid(spec["sources"], data_dir, grid)
+        domain = value_classes(spec["sources"], data_dir, grid)
+        for table in iter_query_tables(spec, data_dir, domain, grid, skipped):
             num_sources += len(pc.unique(table["source_index"]))
             _count_by_factor(table, per_factor)
             offset = 0
@@ -419,6 +458,7 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
         reduced = {f: c.tolist() for f, c in domain.items() if len(c) < FACTOR_SIZES[f]}
         summary = {"num_queries": rows, "num_sources": num_sources, "files": files,
                    "queries_by_factor": per_factor, "value_classes": reduced, "spec": spec,
+                   "grid": None if grid is None else grid.to_dict(), "skipped_off_grid": skipped,
                    "out": str(out_dir)}
         fs.write_text_atomic(local / "_summary.json", json.dumps(summary, indent=2))
     return summary

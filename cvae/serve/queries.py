@@ -126,6 +126,7 @@ def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
     _check_numbers(rows, max_samples)
     _check_kinds(rows)
     factual, images = _observations(scm, rows)
+    _check_grid(scm, rows, factual)
     _check_evidence(scm, rows, factual)
     problems = rows.problems
     errors = pa.table({"query_id": pa.array([rows.ids[i] for i in sorted(problems)], pa.string()),
@@ -224,6 +225,29 @@ def _observations(scm: ImageSCM, rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
     else:
         _true_images(scm, rows.source, source_rows, images, problems)
     return factual, images
+
+
+def _check_grid(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
+    """Every class a row names (factual, do_*, given_*) must be on the model's grid: the
+    classes it was trained on (or measured to answer). Any other would be drawn from a class
+    code the model never trained: a silent wrong answer, so the row is refused instead."""
+    grid = scm.grid
+    if grid.is_whole():
+        return
+    ok = rows.ok()
+    cf = ok & (rows.kinds == "counterfactual")
+    for prefix in ("", "do_", "given_"):
+        values = factual if prefix == "" else rows.values[prefix]
+        named = cf[:, None] & (factual >= 0) if prefix == "" else ok[:, None] & rows.present[prefix]
+        for j, f in enumerate(FACTORS):
+            if grid.is_whole(f):
+                continue
+            off = named[:, j] & ~grid.contains(f, np.maximum(values[:, j], 0))
+            for i in np.flatnonzero(off):
+                name = f"{prefix}{f}"
+                if prefix == "" and rows.has_source[i]:
+                    name = f"source_index {rows.source[i]}: {f}"
+                rows.problems[i].append(grid.refusal(name, f, int(values[i, j])))
 
 
 def _check_evidence(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
