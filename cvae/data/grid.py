@@ -170,13 +170,17 @@ class ModelGrid:
         """(n,) bool: which of the classes `values` (in range) the model answers."""
         return self._member[factor][np.asarray(values, dtype=np.int64)]
 
+    def off(self, classes: np.ndarray, named: np.ndarray | None = None) -> np.ndarray:
+        """(n, 5) bool: which of the (n, 5) factor classes are off the grid, counting only
+        the cells `named` marks (default: every cell; the others may hold anything, -1 too)."""
+        classes = np.asarray(classes, dtype=np.int64)
+        named = np.ones(classes.shape, dtype=bool) if named is None else named
+        return np.stack([named[:, i] & ~self._member[f][np.where(named[:, i], classes[:, i], 0)]
+                         for i, f in enumerate(FACTORS)], axis=1)
+
     def contains_rows(self, classes: np.ndarray) -> np.ndarray:
         """(n,) bool: which (n, 5) factor-class rows have every factor on the grid."""
-        classes = np.asarray(classes, dtype=np.int64)
-        ok = np.ones(len(classes), dtype=bool)
-        for i, f in enumerate(FACTORS):
-            ok &= self._member[f][classes[:, i]]
-        return ok
+        return ~self.off(classes).any(axis=1)
 
     def indices(self) -> np.ndarray:
         """The official indices of every image on the grid, ascending: the source_index

@@ -328,6 +328,8 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     from cvae.model.checkpoint import PRETRAINED, check_checkpoint, resolve_checkpoint
 
     started = time.time()
+    # The actors load `pretrained` from their own node's installed copy (the package's path
+    # may differ between nodes); any other checkpoint by its absolute path or URI.
     pretrained = str(checkpoint_dir) == PRETRAINED
     # A run folder becomes its best checkpoint; a missing, corrupt or malicious checkpoint
     # fails here in the driver, before Ray starts, not in every actor.
@@ -338,9 +340,10 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     if not overwrite:
         _refuse_finished(out_dir)
     # Actors may run on other nodes: give them an absolute path (or the URI as is).
-    checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
-    if pretrained:  # each node's own installed copy: the package's path may differ between nodes
+    if pretrained:
         checkpoint = PRETRAINED
+    else:
+        checkpoint = str(checkpoint_dir) if cfs.is_uri(checkpoint_dir) else str(Path(checkpoint_dir).resolve())
     run_id = uuid.uuid4().hex
     try:
         # on_write_complete runs here in the driver, so the sink's summary is the job's.

@@ -237,7 +237,7 @@ def _split_data(sources: dict, data_dir: str | Path | None) -> str | Path:
     return data_dir
 
 
-def model_grid(sources: dict, data_dir: str | Path | None = None, grid: ModelGrid | None = None) -> ModelGrid | None:
+def query_grid(sources: dict, data_dir: str | Path | None = None, grid: ModelGrid | None = None) -> ModelGrid | None:
     """The grid that bounds the queries: the given model's, else for split sources the
     dataset's (what a model trained on it answers), else None (the whole grid)."""
     if grid is not None or "split" not in sources:
@@ -252,7 +252,7 @@ def value_classes(sources: dict, data_dir: str | Path | None = None,
                   grid: ModelGrid | None = None) -> dict[str, np.ndarray]:
     """The classes `all`, `other` and `random_other` range over, per factor: those of the
     sources' grid, within the model's `grid` (see the module docstring)."""
-    grid = model_grid(sources, data_dir, grid)
+    grid = query_grid(sources, data_dir, grid)
     strides = sources.get("grid", {}) if "grid" in sources else {}
     domain = {f: np.arange(0, FACTOR_SIZES[f], strides.get(f, 1), dtype=np.int64) for f in FACTORS}
     if grid is not None:
@@ -332,9 +332,7 @@ def _chunk_table(spec: dict, src: np.ndarray, domain: dict[str, np.ndarray],
     pos = np.concatenate([p for p, _ in parts])
     do = np.concatenate([d for _, d in parts])
     if grid is not None and not grid.is_whole():
-        on = np.ones(len(do), dtype=bool)
-        for j, f in enumerate(FACTORS):
-            on &= (do[:, j] < 0) | grid.contains(f, np.maximum(do[:, j], 0))
+        on = ~grid.off(do, do >= 0).any(axis=1)
         if skipped is not None:
             skipped["queries"] = skipped.get("queries", 0) + int((~on).sum())
         pos, do = pos[on], do[on]
@@ -401,7 +399,7 @@ def iter_query_tables(spec: dict, data_dir: str | Path | None = None,
     (`domain`: value_classes of the spec's sources, if the caller already has them; `grid`:
     the model's, see the module docstring; `skipped` counts the sources and queries off it)."""
     spec = validate_spec(spec)
-    grid = model_grid(spec["sources"], data_dir, grid)
+    grid = query_grid(spec["sources"], data_dir, grid)
     src = source_indices(spec["sources"], spec["seed"], data_dir, grid, skipped)
     domain = domain if domain is not None else value_classes(spec["sources"], data_dir, grid)
     for i, entry in enumerate(spec["interventions"]):
@@ -439,7 +437,7 @@ def make_queries(spec: dict, out_dir: str | Path, data_dir: str | Path | None = 
                 writer = None
 
         num_sources, skipped = 0, {"sources": 0, "queries": 0}
-        grid = model_grid(spec["sources"], data_dir, grid)
+        grid = query_grid(spec["sources"], data_dir, grid)
         domain = value_classes(spec["sources"], data_dir, grid)
         for table in iter_query_tables(spec, data_dir, domain, grid, skipped):
             num_sources += len(pc.unique(table["source_index"]))

@@ -239,15 +239,10 @@ def _check_grid(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
     for prefix in ("", "do_", "given_"):
         values = factual if prefix == "" else rows.values[prefix]
         named = cf[:, None] & (factual >= 0) if prefix == "" else ok[:, None] & rows.present[prefix]
-        for j, f in enumerate(FACTORS):
-            if grid.is_whole(f):
-                continue
-            off = named[:, j] & ~grid.contains(f, np.maximum(values[:, j], 0))
-            for i in np.flatnonzero(off):
-                name = f"{prefix}{f}"
-                if prefix == "" and rows.has_source[i]:
-                    name = f"source_index {rows.source[i]}: {f}"
-                rows.problems[i].append(grid.refusal(name, f, int(values[i, j])))
+        for i, j in zip(*np.nonzero(grid.off(values, named))):
+            f = FACTORS[j]
+            name = f"source_index {rows.source[i]}: {f}" if prefix == "" and rows.has_source[i] else f"{prefix}{f}"
+            rows.problems[i].append(grid.refusal(name, f, int(values[i, j])))
 
 
 def _check_evidence(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
