@@ -2,6 +2,7 @@
 
     python -m jobs.query --checkpoint CKPT --queries PATH --out DIR [--actors N] [--batch-size N]
                          [--cpus-per-actor N] [--config CONFIG] [--address ADDR] [--overwrite]
+                         [--verify] [--keep {all,verified}]
 
 For example, after the quickstart (python -m jobs.pipeline --config configs/local.yaml):
 
@@ -14,6 +15,11 @@ training run folder (runs/local/train/local, or runs/local/train which holds it)
 folder's best checkpoint is used (lowest validation loss, else lowest test loss, else the
 latest epoch) and one line says which. CKPT, PATH and DIR may be local paths or URIs that
 pyarrow's filesystems handle (file://, s3://, gs://).
+
+--verify reads every answer back over the whole grid (the evaluation's readout, in the query
+actors) and adds read_shape .. read_pos_y, read_iou and verified to each result row;
+--keep verified (implies --verify) writes only verified rows to DIR/results and the others
+to DIR/rejected, with the same schema (docs/queries.md).
 
 A DIR that already holds a finished output (_SUCCESS.json) is refused unless --overwrite;
 one left by a killed job is taken over. Flags override the config's `query` section. A
@@ -43,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor")
     parser.add_argument("--address", help="Ray address (default: the config's ray_address, else local)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished output in --out")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every answer back over the whole grid: read_* columns and `verified`")
+    parser.add_argument("--keep", choices=("all", "verified"), default="all",
+                        help="verified: only verified rows in results/, the others in rejected/ (implies --verify)")
     add_level_option(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)
@@ -74,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_query_job(args.checkpoint, args.queries, args.out, **query.job_settings(),
                                 ray_address=args.address or config.ray_address, num_cpus=config.num_cpus,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, verify=args.verify, keep=args.keep,
+                                command=" ".join(["python -m jobs.query", *(sys.argv[1:] if argv is None else argv)]))
     except (QuerySchemaError, CheckpointError, OutputLocationError, ConfigError, ScmError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,7 +106,23 @@ def summary_lines(summary: dict, out: str) -> list[str]:
     if summary.get("off_grid_rows"):
         lines.append(f"  {summary['off_grid_rows']:,} of them name classes this model was not trained on "
                      f"(`python -m jobs.make_queries --checkpoint` keeps a query set on its grid)")
+    lines += _verify_lines(summary, out)
     lines.append(f"the run's record: {out}/_SUCCESS.json")
+    return lines
+
+
+def _verify_lines(summary: dict, out: str) -> list[str]:
+    """The verification's lines: how many answers read back as their own classes, and where
+    the rejected ones are."""
+    if not summary.get("verify"):
+        return []
+    answered = summary["result_rows"] + summary.get("rejected_rows", 0)
+    share = f" ({summary['verified_rows'] / answered:.1%})" if answered else ""
+    lines = [f"verified {summary['verified_rows']:,} of {answered:,} result rows{share}: they read back over "
+             "the whole grid as their own classes"]
+    if summary.get("keep") == "verified":
+        lines.append(f"kept the {summary['result_rows']:,} verified rows in {out}/results; rejected "
+                     f"{summary.get('rejected_rows', 0):,} rows, in {out}/rejected")
     return lines
 
 

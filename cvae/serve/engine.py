@@ -42,7 +42,6 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
@@ -52,60 +51,25 @@ from cvae.config import ConfigError
 from cvae.data.grid import OFF_GRID
 from cvae.errors import OutputExistsError, OutputLocationError
 from cvae.localray import init_ray
+from cvae.serve.card import CARD, dataset_card, provenance
+from cvae.serve.inputs import inspect_queries, list_queries  # noqa: F401 (re-exported)
 from cvae.serve.lease import OutputLease
-from cvae.serve.queries import ERROR_SCHEMA, RESULT_SCHEMA, QuerySchemaError, answer_queries, check_schema
+from cvae.serve.queries import ERROR_SCHEMA, RESULT_SCHEMA, answer_queries, result_schema
+from cvae.serve.verify import check_keep, counts, folders, split_rows, verified_count
 
 # One table type flows from the actors to the sink: result rows and error rows side by side,
 # told apart by `error` (null on result rows).
 COMBINED_SCHEMA = pa.schema(list(RESULT_SCHEMA) + [pa.field("error", pa.string())])
+COMBINED_VERIFIED = pa.schema(list(result_schema(True)) + [pa.field("error", pa.string())])
 SUCCESS = "_SUCCESS.json"
 STAGING_PREFIX = "_staging-"
-
-
-def list_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str]]:
-    """(filesystem, sorted Parquet files) of a query file or folder, given as a path or URI."""
-    try:
-        fs, root = cfs.resolve(path)
-        info = fs.get_file_info(root)
-    except (ValueError, OSError) as exc:
-        raise QuerySchemaError(f"{path}: cannot open: {exc}") from None
-    if info.type == pafs.FileType.Directory:
-        files = cfs.parquet_files(fs, root)
-        if not files:
-            raise QuerySchemaError(f"{path}: no .parquet files in this folder")
-        return fs, files
-    if info.type == pafs.FileType.File:
-        return fs, [root]
-    raise QuerySchemaError(f"{path}: no such file or folder")
-
-
-def inspect_queries(path: str | Path) -> tuple[pafs.FileSystem, list[str], int, frozenset]:
-    """Whole-input checks before any work: (filesystem, parquet files, row count, duplicated query_ids).
-
-    Raises QuerySchemaError naming the file for a missing/mistyped column or an unreadable file.
-    """
-    fs, files = list_queries(path)
-    rows = 0
-    for f in files:
-        try:
-            meta = pq.read_metadata(f, filesystem=fs)
-            schema = pq.read_schema(f, filesystem=fs)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise QuerySchemaError(f"{f}: not a readable Parquet file: {exc}") from None
-        check_schema(schema, where=f)
-        rows += meta.num_rows
-    # Count ids over the whole input (Arrow memory: about 20-30 bytes per query id).
-    ids = pads.dataset(files, format="parquet", filesystem=fs).to_table(columns=["query_id"]).column("query_id")
-    counts = pc.value_counts(ids)
-    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    duplicates = frozenset(v for v in dup.to_pylist() if v is not None)
-    return fs, files, rows, duplicates
 
 
 class QueryActor:
     """Holds one ImageSCM (loaded once per actor) and answers a batch per call."""
 
-    def __init__(self, checkpoint: str, max_samples: int, duplicate_ids: frozenset, threads: int = 1):
+    def __init__(self, checkpoint: str, max_samples: int, duplicate_ids: frozenset, threads: int = 1,
+                 verify: bool = False):
         import torch
 
         from cvae.causal.image import ImageSCM
@@ -120,21 +84,28 @@ class QueryActor:
             self.scm = ImageSCM.from_checkpoint(local)
         self.max_samples = max_samples
         self.duplicate_ids = duplicate_ids
+        self.verifier = None
+        if verify:  # the readout index, built once per actor (cvae.serve.verify)
+            from cvae.serve.verify import Verifier
+
+            self.verifier = Verifier.of(self.scm)
 
     def __call__(self, packed: pa.Table) -> pa.Table:
         """Rows of query_blocks' packed column in (one per call as the engine runs it), the
         answers to their queries out."""
-        answers = [combine(*answer_queries(self.scm, unpack(block), self.max_samples, self.duplicate_ids))
+        schema = COMBINED_VERIFIED if self.verifier is not None else COMBINED_SCHEMA
+        answers = [combine(*answer_queries(self.scm, unpack(block), self.max_samples, self.duplicate_ids,
+                                           self.verifier), schema=schema)
                    for block in packed.column(PACKED)]
-        return pa.concat_tables(answers) if answers else COMBINED_SCHEMA.empty_table()
+        return pa.concat_tables(answers) if answers else schema.empty_table()
 
 
-def combine(results: pa.Table, errors: pa.Table) -> pa.Table:
+def combine(results: pa.Table, errors: pa.Table, schema: pa.Schema = COMBINED_SCHEMA) -> pa.Table:
     results = results.append_column("error", pa.nulls(results.num_rows, pa.string()))
     columns = [errors.column(name) if name in ERROR_SCHEMA.names else pa.nulls(errors.num_rows, field.type)
-               for name, field in zip(COMBINED_SCHEMA.names, COMBINED_SCHEMA)]
-    errors = pa.Table.from_arrays(columns, schema=COMBINED_SCHEMA)
-    return pa.concat_tables([results.cast(COMBINED_SCHEMA), errors])
+               for name, field in zip(schema.names, schema)]
+    errors = pa.Table.from_arrays(columns, schema=schema)
+    return pa.concat_tables([results.cast(schema), errors])
 
 
 def _children(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
@@ -190,16 +161,21 @@ class AtomicParquetSink(Datasink):
     """
 
     def __init__(self, out_dir: str | Path, run_id: str | None = None, about: dict | None = None,
-                 started: float | None = None, lease: OutputLease | None = None):
+                 started: float | None = None, lease: OutputLease | None = None, verify: bool = False,
+                 keep: str = "all", provenance: dict | None = None):
         """`about`: fields the summary (_SUCCESS.json) carries besides the row counts;
         `started`: the job's start time, for its `seconds`; `lease`: the job's lease on the
         folder (cvae.serve.lease), checked before the commit. Without one, the caller guarantees
-        that no other job writes into the folder."""
+        that no other job writes into the folder. `verify`: the rows carry the verify columns;
+        `keep="verified"`: unverified rows go to rejected/ (cvae.serve.verify); `provenance`: what
+        the dataset card (README.md, cvae.serve.card) says of where the rows come from."""
         self.fs, self.out = cfs.resolve(out_dir)
         self.out = self.out.rstrip("/")
         self.staging = f"{self.out}/{STAGING_PREFIX}{run_id or uuid.uuid4().hex}"
         self.about, self.started, self.lease = dict(about or {}), started, lease
         self.summary: dict = {}
+        self.verify, self.keep = check_keep(keep, verify), keep
+        self.provenance = provenance
 
     def __getstate__(self) -> dict:
         # Write tasks get a copy of the sink; the lease (a heartbeat thread) stays in the driver.
@@ -211,25 +187,23 @@ class AtomicParquetSink(Datasink):
             if (stale.base_name.startswith(STAGING_PREFIX) and stale.type == pafs.FileType.Directory
                     and stale.path.rstrip("/") != self.staging):
                 self.fs.delete_dir(stale.path)
-        self.fs.create_dir(f"{self.staging}/results", recursive=True)
-        self.fs.create_dir(f"{self.staging}/errors", recursive=True)
+        for folder in folders(self.keep):
+            self.fs.create_dir(f"{self.staging}/{folder}", recursive=True)
 
     def write(self, blocks: Iterable, ctx) -> list[tuple[str, int, int]]:
-        """Stage the blocks' result and error rows; returns (file, rows, rows refused as off
-        the model's grid) per file written."""
+        """Stage the blocks' result and error rows (and rejected ones); returns (file, rows, rows
+        refused as off the model's grid, rows verified) per file written."""
         from ray.data.block import BlockAccessor
 
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables([t.cast(COMBINED_SCHEMA) for t in tables])
-        is_error = pc.is_valid(table.column("error"))
+        combined = COMBINED_VERIFIED if self.verify else COMBINED_SCHEMA
+        table = pa.concat_tables([t.cast(combined) for t in tables])
         written = []
         name = f"part-{uuid.uuid4().hex}.parquet"
-        for folder, rows, schema in (("results", pc.invert(is_error), RESULT_SCHEMA),
-                                     ("errors", is_error, ERROR_SCHEMA)):
-            part = table.filter(rows).select(schema.names).cast(schema)
+        for folder, part in split_rows(table, self.verify, self.keep):
             if part.num_rows:
                 final = f"{self.staging}/{folder}/{name}"
                 tmp = f"{self.staging}/{folder}/.{name}.tmp"
@@ -238,7 +212,7 @@ class AtomicParquetSink(Datasink):
                 off_grid = 0
                 if folder == "errors":
                     off_grid = pc.sum(pc.match_substring(part.column("error"), OFF_GRID)).as_py() or 0
-                written.append((f"{folder}/{name}", part.num_rows, off_grid))
+                written.append((f"{folder}/{name}", part.num_rows, off_grid, verified_count(folder, part)))
         return written
 
     def on_write_complete(self, write_result) -> None:
@@ -247,7 +221,7 @@ class AtomicParquetSink(Datasink):
         reported = [item for returned in write_result.write_returns for item in (returned or [])]
         keep = {name for name, *_ in reported}
         staged = set()
-        for folder in ("results", "errors"):
+        for folder in folders(self.keep):
             for f in _children(self.fs, f"{self.staging}/{folder}"):
                 if f"{folder}/{f.base_name}" not in keep:  # a killed or retried task's leftovers
                     self.fs.delete_file(f.path)
@@ -257,19 +231,15 @@ class AtomicParquetSink(Datasink):
             raise OutputLocationError(
                 f"output {self.about.get('out', self.out)}: {len(keep - staged)} file(s) written by this job are "
                 f"missing from {self.staging} (deleted by another job writing into the folder?); not committing")
-        counts = {"results": 0, "errors": 0}
-        for name, rows, _ in reported:
-            counts[name.split("/")[0]] += rows
-        self.summary = {"result_rows": counts["results"], "error_rows": counts["errors"],
-                        "off_grid_rows": sum(off for *_, off in reported),
-                        "result_files": sum(n.startswith("results/") for n, *_ in reported),
-                        "error_files": sum(n.startswith("errors/") for n, *_ in reported),
-                        **self.about}
+        self.summary = {**counts(reported, self.verify, self.keep), **self.about}
         if self.started is not None:
             self.summary["seconds"] = round(time.time() - self.started, 3)
         committed = {folder: sorted(n.split("/", 1)[1] for n in keep if n.startswith(f"{folder}/"))
-                     for folder in ("results", "errors")}
-        commit(self.fs, self.staging, self.out, {**self.summary, "committed": committed})
+                     for folder in folders(self.keep)}
+        card = dataset_card(self.summary, self.provenance)
+        if self.provenance is not None:
+            self.summary["provenance"] = self.provenance
+        commit(self.fs, self.staging, self.out, {**self.summary, "committed": committed}, {CARD: card})
 
     def on_write_failed(self, error: Exception) -> None:
         try:
@@ -286,19 +256,25 @@ def write_marker(fs: pafs.FileSystem, out: str, summary: dict) -> None:
     fs.move(tmp, f"{out}/{SUCCESS}")
 
 
-def commit(fs: pafs.FileSystem, staging: str, out: str, summary: dict) -> None:
+def commit(fs: pafs.FileSystem, staging: str, out: str, summary: dict, files: dict | None = None) -> None:
     """Replace out/{errors,results} by staging/{errors,results}, then write _SUCCESS.json last.
 
-    `summary` (the marker's content) lists the committed files under "committed". Killed
+    `summary` (the marker's content) lists the committed files under "committed"; `files`
+    ({name: text}, the dataset card) are written beside them before the marker. Killed
     anywhere in here, the job leaves no _SUCCESS.json: readers refuse the folder until a
     rerun commits it again whole (its start deletes this run's staging folder)."""
     marker = f"{out}/{SUCCESS}"
     if _exists(fs, marker):
         fs.delete_file(marker)  # from here until the end, the output is not complete
-    for folder in ("errors", "results"):
+    for folder in ("errors", "rejected", "results"):  # rejected/: only under keep=verified
         if _exists(fs, f"{out}/{folder}"):
             _remove_dir(fs, f"{out}/{folder}", f"{staging}/old/{folder}")
-        _move_dir(fs, f"{staging}/{folder}", f"{out}/{folder}")
+        if folder != "rejected" or _exists(fs, f"{staging}/{folder}"):
+            _move_dir(fs, f"{staging}/{folder}", f"{out}/{folder}")
+    for name, text in (files or {}).items():
+        with fs.open_output_stream(f"{out}/.{name}.tmp") as fh:
+            fh.write(text.encode())
+        fs.move(f"{out}/.{name}.tmp", f"{out}/{name}")
     write_marker(fs, out, summary)
     fs.delete_dir(staging)
 
@@ -307,7 +283,8 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
                   actors: int = 2, batch_size: int = 4096, gpus_per_actor: float = 0.0,
                   cpus_per_actor: float = 1.0, max_samples: int = 64,
                   ray_address: str | None = None, num_cpus: int | None = None,
-                  lease_timeout: float | None = None, overwrite: bool = False) -> dict:
+                  lease_timeout: float | None = None, overwrite: bool = False, verify: bool = False,
+                  keep: str = "all", command: str | None = None) -> dict:
     """Answer every query of a Parquet file or folder into out_dir (see the module docstring).
 
     Each of the three locations may be a local path or a pyarrow filesystem URI; the
@@ -324,8 +301,13 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     A folder that already holds a committed output (_SUCCESS.json) is refused with
     OutputExistsError unless `overwrite`; one left by a killed job (no _SUCCESS.json) is
     taken over as always. An empty query set commits an empty output without starting Ray.
+
+    `verify`: every answer is read back over the whole grid in the actors and its row gains
+    the verify columns; `keep="verified"` (which implies it) writes unverified rows to
+    rejected/ instead of results/ (cvae.serve.verify). The folder's README.md is a dataset
+    card (cvae.serve.card) naming `command`, the checkpoint, the code's commit and the queries.
     """
-    from cvae.model.checkpoint import PRETRAINED, check_checkpoint, resolve_checkpoint
+    from cvae.model.checkpoint import PRETRAINED, CheckpointError, check_checkpoint, resolve_checkpoint
 
     started = time.time()
     # The actors load `pretrained` from their own node's installed copy (the package's path
@@ -334,7 +316,11 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
     # A run folder becomes its best checkpoint; a missing, corrupt or malicious checkpoint
     # fails here in the driver, before Ray starts, not in every actor.
     checkpoint_dir = resolve_checkpoint(checkpoint_dir)
-    check_checkpoint(checkpoint_dir)
+    meta = check_checkpoint(checkpoint_dir)
+    verify = check_keep(keep, verify)
+    if verify and not meta.get("manifest"):
+        raise CheckpointError(f"{checkpoint_dir}: --verify reads answers back against the ground truth of the "
+                              "checkpoint's data manifest, and this checkpoint has none")
     fs, files, rows, duplicates = inspect_queries(queries_path)
     cfs.check_writable(out_dir)  # /proc/x or a read-only bucket fails here, not after the actors
     if not overwrite:
@@ -349,7 +335,8 @@ def run_query_job(checkpoint_dir: str | Path, queries_path: str | Path, out_dir:
         # on_write_complete runs here in the driver, so the sink's summary is the job's.
         lease = OutputLease(out_dir, run_id, timeout_s=lease_timeout, what="query job")
         sink = AtomicParquetSink(out_dir, run_id=run_id, about={"queries": rows, "duplicate_ids": len(duplicates)},
-                                 started=started, lease=lease)
+                                 started=started, lease=lease, verify=verify, keep=keep,
+                                 provenance=provenance(checkpoint_dir, pretrained, str(queries_path), command))
         sink.about["out"] = str(out_dir) if cfs.is_uri(out_dir) else sink.out
     except ValueError as exc:
         raise OutputLocationError(f"output {out_dir}: {exc}") from None
@@ -412,7 +399,8 @@ def _run(sink: AtomicParquetSink, checkpoint: str, files: list[str], fs: pafs.Fi
     ds = ds.map_batches(
         QueryActor,
         fn_constructor_kwargs={"checkpoint": checkpoint, "max_samples": max_samples,
-                               "duplicate_ids": duplicates, "threads": max(1, round(cpus_per_actor))},
+                               "duplicate_ids": duplicates, "threads": max(1, round(cpus_per_actor)),
+                               "verify": sink.verify},
         batch_size=1,  # one packed block of batch_size queries per call
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -468,7 +456,8 @@ def read_output(out_dir: str | Path) -> tuple[pa.Table, pa.Table]:
     if fs.get_file_info(marker).type != pafs.FileType.File:
         raise FileNotFoundError(f"{out_dir}: no committed output ({SUCCESS} missing)")
     with fs.open_input_stream(marker) as fh:
-        committed = (json.loads(fh.read() or b"{}") or {}).get("committed")
+        marker_summary = json.loads(fh.read() or b"{}") or {}
+    committed, verify = marker_summary.get("committed"), marker_summary.get("verify")
 
     def read(folder, schema):
         if committed is None:
@@ -482,4 +471,4 @@ def read_output(out_dir: str | Path) -> tuple[pa.Table, pa.Table]:
         tables = [pq.read_table(f, schema=schema, filesystem=fs) for f in files]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
-    return read("results", RESULT_SCHEMA), read("errors", ERROR_SCHEMA)
+    return read("results", result_schema(bool(verify))), read("errors", ERROR_SCHEMA)

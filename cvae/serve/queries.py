@@ -24,7 +24,14 @@ from cvae.causal.image import ImageSCM
 from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, index_to_classes
 from cvae.data.images import decode_image, encode_pngs
 from cvae.rng import row_keys, seed_from_query_id
-from cvae.serve.schema import ERROR_SCHEMA, INT_COLUMNS, KINDS, QUERY_SCHEMA, RESULT_SCHEMA  # noqa: F401 (re-exported)
+from cvae.serve.schema import (  # noqa: F401 (re-exported)
+    ERROR_SCHEMA,
+    INT_COLUMNS,
+    KINDS,
+    QUERY_SCHEMA,
+    RESULT_SCHEMA,
+    result_schema,
+)
 
 REQUIRED = ("query_id", "kind")
 # Sample rows answered at once: bounds memory (4096 float64 pixel uniforms per row). At 512
@@ -116,9 +123,11 @@ class _Rows:
 
 
 def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
-                   duplicate_ids: frozenset | set | None = None) -> tuple[pa.Table, pa.Table]:
+                   duplicate_ids: frozenset | set | None = None, verifier=None) -> tuple[pa.Table, pa.Table]:
     """Answer every valid query row: (results, errors) as Arrow tables (RESULT_SCHEMA, ERROR_SCHEMA).
 
+    With a `verifier` (cvae.serve.verify.Verifier) every answer is read back before it is
+    encoded and the results gain its columns (VERIFIED_RESULT_SCHEMA).
     Raises QuerySchemaError for a batch whose columns are unusable; bad rows are error rows.
     """
     rows = _Rows.parse(normalize(queries))
@@ -134,8 +143,8 @@ def answer_queries(scm: ImageSCM, queries: pa.Table, max_samples: int = 64,
                       schema=ERROR_SCHEMA)
     valid = np.flatnonzero(rows.ok())
     if not len(valid):
-        return RESULT_SCHEMA.empty_table(), errors
-    return _answer(scm, rows, valid, factual, images), errors
+        return result_schema(verifier is not None).empty_table(), errors
+    return _answer(scm, rows, valid, factual, images, verifier), errors
 
 
 def _check_identity(rows: _Rows, duplicate_ids: frozenset | set) -> None:
@@ -261,7 +270,8 @@ def _check_evidence(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
                                     + (" with this intervention" if rows.kinds[i] == "intervene" else ""))
 
 
-def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, images: np.ndarray) -> pa.Table:
+def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, images: np.ndarray,
+            verifier=None) -> pa.Table:
     """Expand the valid rows to sample rows and answer them a chunk at a time."""
     table, kinds = rows.table, rows.kinds
     seeds, has_seed = _ints(table, "seed"), _present(table, "seed")
@@ -273,13 +283,15 @@ def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, 
     keys = row_keys(seed[query_of], sample)
     given_all = np.where(rows.present["given_"], rows.values["given_"], -1)
     do_all = np.where(rows.present["do_"], rows.values["do_"], -1)
-    classes, pngs = [], []
+    classes, pngs, read = [], [], []
     for start in range(0, len(rows_of), ANSWER_CHUNK):
         r = rows_of[start:start + ANSWER_CHUNK]
         answer = scm.answer(kinds[r].astype(str), given_all[r], do_all[r], factual[r], images[r],
                             keys[start:start + ANSWER_CHUNK])
         classes.append(answer.classes)
         pngs.extend(encode_pngs(answer.images))
+        if verifier is not None:  # read back before encoding: no PNG to decode
+            read.append(verifier.columns(answer.images, answer.classes, factual[r]))
     classes = np.concatenate(classes)
     is_cf = kinds[rows_of] == "counterfactual"
     columns = {
@@ -292,7 +304,9 @@ def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, 
     for j, f in enumerate(FACTORS):
         columns[f"factual_{f}"] = pa.array(factual[rows_of, j], pa.int64(), mask=~is_cf)
     columns["image"] = pa.array(pngs, pa.binary())
-    return pa.table(columns, schema=RESULT_SCHEMA)
+    for name in read[0] if read else ():
+        columns[name] = pa.array(np.concatenate([part[name] for part in read]))
+    return pa.table(columns, schema=result_schema(verifier is not None))
 
 
 def _true_images(scm: ImageSCM, source: np.ndarray, rows: np.ndarray, images: np.ndarray,

@@ -24,3 +24,16 @@ RESULT_SCHEMA = pa.schema(
     + [("image", pa.binary())]
 )
 ERROR_SCHEMA = pa.schema([("query_id", pa.string()), ("error", pa.string())])
+# Optional result columns, present only when the job verifies its answers (jobs.query
+# --verify, cvae.serve.verify): each answer read back over the whole grid by the evaluation's
+# readout. read_<factor>: the class it reads back as (the row's own class when that is among
+# them, pixel-identical twins; -1: reads back nothing); read_iou: IoU with the nearest grid
+# image; verified: every factor reads back as the row's own class.
+VERIFY_FIELDS = ([pa.field(f"read_{f}", pa.int64()) for f in FACTORS]
+                 + [pa.field("read_iou", pa.float64()), pa.field("verified", pa.bool_())])
+VERIFIED_RESULT_SCHEMA = pa.schema(list(RESULT_SCHEMA) + VERIFY_FIELDS)
+
+
+def result_schema(verify: bool) -> pa.Schema:
+    """The result rows' schema: RESULT_SCHEMA, plus VERIFY_FIELDS when the answers are verified."""
+    return VERIFIED_RESULT_SCHEMA if verify else RESULT_SCHEMA
