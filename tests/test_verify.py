@@ -135,3 +135,17 @@ def test_verify_needs_ground_truth(tmp_path):
     pq.write_table(pa.table({"query_id": ["x"], "kind": ["intervene"]}), tmp_path / "q.parquet")
     with pytest.raises(CheckpointError, match="--verify reads answers back against the ground truth"):
         run_query_job(checkpoint, tmp_path / "q.parquet", tmp_path / "out", verify=True)
+
+
+def test_the_search_near_a_hint_finds_what_the_full_search_finds(verifier):
+    """Readout._near (answers whose hint reaches IoU 0.9) against the batched search without hints."""
+    rng = np.random.default_rng(3)
+    classes = np.stack([rng.integers(0, n, 60) for n in (3, 6, 40, 32, 32)], 1)
+    images = images_of(classes)
+    noisy = images ^ (rng.random(images.shape) < 0.004).astype(np.uint8)  # near their own image
+    shifted = np.roll(images, 1, axis=2)  # between two positions: ties are likely
+    answers = np.concatenate([noisy, shifted])
+    hints = np.tile(classes_to_index(classes), 2)[:, None]
+    near, full = verifier.readout.read(answers, hints), verifier.readout.read(answers, None)
+    assert np.array_equal(near.iou, full.iou) and np.array_equal(near.reads, full.reads)
+    assert np.array_equal(near.images, full.images) and (near.iou[:60] >= 0.9).mean() > 0.5

@@ -42,6 +42,7 @@ CANDIDATE_CHUNK = 16384  # candidates bounded at once (a (batch, chunk) float32 
 ANSWER_BATCH = 128  # answers searched together (sorted by size: similar bands)
 PAIR_CHUNK = 262144  # (answer, candidate) pairs scored exactly at once
 SLACK = 1e-6  # float32 bounds are compared this far below the best IoU (kept: a superset)
+NEAR = 0.9  # answers whose hints reach this IoU are searched one by one near them (Readout._near)
 MAX_CLASSES = max(FACTOR_SIZES.values())
 _BUILT: dict = {}  # (generator, official_path) -> Readout: the index Readout.of built last
 
@@ -90,12 +91,15 @@ class Readout:
             raise ValueError("readout indices must be unique")
         n = len(indices)
         packed = np.empty((n, IMAGE_SIZE * IMAGE_SIZE // 64), dtype=np.uint64)
+        moments = np.empty((n, 2), dtype=np.int64)
         for start in range(0, n, BUILD_CHUNK):
             flat = images_of(indices[start:start + BUILD_CHUNK]).reshape(-1, IMAGE_SIZE * IMAGE_SIZE)
             packed[start:start + BUILD_CHUNK] = _pack(flat != 0)
+            moments[start:start + BUILD_CHUNK] = _moments(flat != 0)
         by_size = np.argsort(_popcount(packed), kind="stable")
         self.indices, self.packed = indices[by_size], packed[by_size]
-        del packed
+        self.moments = np.ascontiguousarray(moments[by_size].T)  # (2, n): x then y, each contiguous
+        del packed, moments
         self.size = _popcount(self.packed)
         self.size_f32 = self.size.astype(np.float32)
         self.coarse = np.empty((n, 1), dtype=np.uint64)  # any pixel in each 8x8 block: one bit each
@@ -149,12 +153,50 @@ class Readout:
         size = _popcount(packed)
         ans, rows = self._on_grid(packed, size)
         search = np.setdiff1d(np.flatnonzero(size > 0), ans)
+        floor = self._hint_floor(packed, size, hints, search)
+        moments = _moments(flat)
+        for i in search[floor[search] >= NEAR]:  # close to a hint: a narrow search of their own
+            r = self._near(packed[i], size[i], moments[i], floor[i])
+            ans, rows = np.concatenate([ans, np.full(len(r), i)]), np.concatenate([rows, r])
+        search = search[floor[search] < NEAR]
         search = search[np.argsort(size[search], kind="stable")]  # batches of similar size
         for start in range(0, len(search), ANSWER_BATCH):
             batch = search[start:start + ANSWER_BATCH]
             a, r = self._search(packed[batch], size[batch], hints[batch])
             ans, rows = np.concatenate([ans, batch[a]]), np.concatenate([rows, r])
         return self._read_back(n, ans, rows, packed, size)
+
+    def _hint_floor(self, packed: np.ndarray, size: np.ndarray, hints: np.ndarray, search: np.ndarray) -> np.ndarray:
+        """(n,) the best exact IoU of each searched answer with its hints (0: none): the
+        nearest candidate's IoU is at least this."""
+        floor = np.zeros(len(packed))
+        rows = self.rows_of(np.maximum(hints[search], 0))
+        a, k = np.nonzero((hints[search] >= 0) & (rows >= 0))
+        if len(a):
+            np.maximum.at(floor, search[a], self._iou(packed, size, search[a], rows[a, k]))
+        return floor
+
+    def _near(self, packed: np.ndarray, size: int, moments: np.ndarray, floor: float) -> np.ndarray:
+        """Rows of the nearest candidates of one answer whose nearest IoU is known to be >= floor
+        (a hint reached it). Exact: only candidates that cannot reach the floor are left out, by
+        two necessary conditions, then every other one is scored. With f the floor and I the
+        intersection, IoU >= f needs f |a| <= |b| <= |a| / f (candidates are sorted by size: one
+        range) and I >= f (|a| + |b|) / (1 + f); and since sum_a (x - 31.5) - sum_b (x - 31.5)
+        = sum_{a-b} (x - 31.5) - sum_{b-a} (x - 31.5), each |x - 31.5| <= 31.5, the first
+        moments of a and b along each axis differ by at most 31.5 (|a| + |b| - 2 I)."""
+        f = floor - SLACK
+        # Integer keys: a float key would convert the whole size array at every call.
+        lo = int(np.searchsorted(self.size, np.int64(np.ceil(f * size - SLACK)), side="left"))
+        hi = int(np.searchsorted(self.size, np.int64(np.floor(size / f + SLACK)), side="right"))
+        b = self.size[lo:hi]
+        room = 63.0 * (size + b - 2 * f * (size + b) / (1 + f)) + SLACK  # twice 31.5 (|a| + |b| - 2 I_min)
+        shift = 63 * (size - b)
+        keep = np.abs(2 * (moments[0] - self.moments[0, lo:hi]) - shift) <= room
+        keep &= np.abs(2 * (moments[1] - self.moments[1, lo:hi]) - shift) <= room
+        rows = lo + np.flatnonzero(keep)
+        inter = np.bitwise_count(packed[None, :] & self.packed[rows]).sum(1, dtype=np.int64)
+        score = inter / (size + self.size[rows] - inter)
+        return rows[score == score.max()]  # exact: distinct ratios of ints <= 8192 differ in float64
 
     def _on_grid(self, packed: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(answer, row) pairs for answers identical to a grid image: that image's group."""
@@ -249,6 +291,13 @@ def _hash(packed: np.ndarray) -> np.ndarray:
         for word in packed.T:
             h = mix((h ^ word) + GOLDEN)
     return h
+
+
+def _moments(flat: np.ndarray) -> np.ndarray:
+    """(n, 4096) bool -> (n, 2) int64: the sums of the set pixels' column and row indices."""
+    images = flat.reshape(len(flat), IMAGE_SIZE, IMAGE_SIZE)
+    axis = np.arange(IMAGE_SIZE)
+    return np.stack([images.sum(1, dtype=np.int64) @ axis, images.sum(2, dtype=np.int64) @ axis], axis=1)
 
 
 def _pack(flat: np.ndarray) -> np.ndarray:

@@ -290,8 +290,8 @@ def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, 
                             keys[start:start + ANSWER_CHUNK])
         classes.append(answer.classes)
         pngs.extend(encode_pngs(answer.images))
-        if verifier is not None:  # read back before encoding: no PNG to decode
-            read.append(verifier.columns(answer.images, answer.classes, factual[r]))
+        if verifier is not None:  # kept to read back before encoding: no PNG to decode
+            read.append(np.asarray(answer.images, dtype=bool))
     classes = np.concatenate(classes)
     is_cf = kinds[rows_of] == "counterfactual"
     columns = {
@@ -304,8 +304,9 @@ def _answer(scm: ImageSCM, rows: _Rows, valid: np.ndarray, factual: np.ndarray, 
     for j, f in enumerate(FACTORS):
         columns[f"factual_{f}"] = pa.array(factual[rows_of, j], pa.int64(), mask=~is_cf)
     columns["image"] = pa.array(pngs, pa.binary())
-    for name in read[0] if read else ():
-        columns[name] = pa.array(np.concatenate([part[name] for part in read]))
+    if verifier is not None:  # the whole call's answers at once: the readout batches them by size
+        for name, values in verifier.columns(np.concatenate(read), classes, factual[rows_of]).items():
+            columns[name] = pa.array(values)
     return pa.table(columns, schema=result_schema(verifier is not None))
 
 
