@@ -82,7 +82,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "sprite"  # sprite | conv | mlp (the original notebook's networks)
+    arch: str = "warp"  # warp | sprite | conv | mlp (the original notebook's networks)
     z_dim: int = 50
     hidden: int = 1000  # width of the mlp's hidden layers
     # sprite only: learn the position maps (the default, null) or freeze them (false) at
@@ -90,7 +90,7 @@ class ModelConfig:
     learn_translation: bool | None = None
 
     def validate(self, where: str) -> None:
-        _one_of(self.arch, ("mlp", "conv", "sprite"), f"{where}.arch")
+        _one_of(self.arch, ("mlp", "conv", "sprite", "warp"), f"{where}.arch")
         if self.learn_translation is not None and self.arch != "sprite":
             raise ConfigError(f"{where}.learn_translation: only arch sprite has position maps "
                               f"to learn, got arch {self.arch!r}")

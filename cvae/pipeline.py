@@ -92,7 +92,7 @@ def run_pipeline(config: Config, out: str | Path | None = None, force=()) -> dic
 
     data_dir, data_id = _data(run)
     training, checkpoint_id = _train(run, data_dir, data_id)
-    queries_dir, queries_id = _queries(run, data_dir, data_id)
+    queries_dir, queries_id = _queries(run, data_dir, data_id, checkpoint_id)
     answers_dir, answers = _answers(run, queries_dir, queries_id, checkpoint_id)
     report = _evaluate(run, data_dir, queries_dir, answers_dir, answers["id"], checkpoint_id)
     summary = _summary(run, training, data_dir, queries_dir, answers_dir, answers, report, started)
@@ -120,6 +120,8 @@ def _data(run: _Run) -> tuple[str, str]:
 
 
 def _train(run: _Run, data_dir: str, data_id: str):
+    from cvae.model.checkpoint import load_meta
+    from cvae.model.coverage import grid_lines
     from cvae.model.train import TrainingResult, run_training
 
     config, folder = run.config, fs.join(run.out, "train")
@@ -141,24 +143,31 @@ def _train(run: _Run, data_dir: str, data_id: str):
         result = {f.name: getattr(training, f.name) for f in dataclasses.fields(training) if f.name != "history"}
         write_record(folder, "train", inputs, result)
     log.info("best checkpoint: %s", training.best_checkpoint)
+    for line in grid_lines(load_meta(training.best_checkpoint)):
+        log.info("%s", line)
     checkpoint_id = {"checkpoint": training.best_checkpoint,
                      "meta": file_digest(fs.join(training.best_checkpoint, "checkpoint.json"))}
     return training, checkpoint_id
 
 
-def _queries(run: _Run, data_dir: str, data_id: str) -> tuple[str, str]:
+def _queries(run: _Run, data_dir: str, data_id: str, checkpoint_id: dict) -> tuple[str, str]:
     from cvae.causal.families import parse_family, write_family_queries
+    from cvae.model.checkpoint import load_meta, model_grid
     from cvae.serve.make_queries import make_queries
 
     config, folder = run.config, fs.join(run.out, "queries")
     run.stage("queries")
     spec = counterfactual_spec(config)
     families = [parse_family(e, f"config.pipeline.families[{i}]") for i, e in enumerate(config.pipeline.families)]
-    inputs = {"data": data_id, "spec": spec, "families": [f.to_dict() for f in families],
+    # The interventions range over the classes the model answers: its training grid, or more
+    # where it measurably draws unseen classes (cvae.model.coverage); the report scores those apart.
+    grid = model_grid(load_meta(checkpoint_id["checkpoint"]))
+    inputs = {"data": data_id, "spec": spec, "grid": grid.to_dict()["classes"],
+              "families": [f.to_dict() for f in families],
               "family_samples": config.pipeline.family_samples, "max_samples": config.query.max_samples}
     record = run.reuse("queries", folder, inputs, "_summary.json")
     if record is None:
-        made = make_queries(spec, folder, data_dir=data_dir)
+        made = make_queries(spec, folder, data_dir=data_dir, grid=grid)
         log.info("%d counterfactual queries from %d test sources -> %s", made["num_queries"],
                  made["num_sources"], folder)
         with fs.local_output(folder) as local:

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                     if last.get(f"{split}_loss") is not None)
           + " nats/image")
     print(f"best checkpoint:   {result.best_checkpoint} (by {result.best_by.replace('_', ' ')})")
+    from cvae.model.checkpoint import load_meta
+    from cvae.model.coverage import grid_lines
+
+    print("\n".join(grid_lines(load_meta(result.best_checkpoint))))
     print(f"latest checkpoint: {result.latest_checkpoint}")
     for name, path in result.files.items():
         print(f"{name}: {path}")

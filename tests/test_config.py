@@ -80,7 +80,7 @@ def test_a_valid_config_round_trips(tmp_path):
      r"config\.num_cpus: 2 CPUs cannot hold train\.num_workers x train\.cpus_per_worker = 4"),
     ({"num_cpus": 0}, r"config\.num_cpus: must be > 0, got 0"),
     ({"seed": -1}, r"config\.seed: must be >= 0"),
-    ({"model__arch": "transformer"}, r"config\.model\.arch: must be one of mlp, conv, sprite, got 'transformer'"),
+    ({"model__arch": "transformer"}, r"config\.model\.arch: must be one of mlp, conv, sprite, warp, got 'transformer'"),
     ({"model__learn_translation": True}, r"config\.model\.learn_translation: only arch sprite has position maps"),
     ({"model__learn_translation": "yes"}, r"config\.model\.learn_translation: expected bool, got str"),
     ({"data__generator": "import"}, r"config\.data\.official_path: required when generator is 'import'"),

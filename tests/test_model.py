@@ -13,7 +13,15 @@ from cvae.model.checkpoint import (
     load_optimizer_state,
     save_checkpoint,
 )
-from cvae.model.networks import CANVAS, OneMapTransposedConv, SupervisedVAE, one_hot, translation
+from cvae.model.networks import (
+    CANVAS,
+    WARP_CANVAS,
+    WARP_SPAN,
+    OneMapTransposedConv,
+    SupervisedVAE,
+    one_hot,
+    translation,
+)
 
 
 def _batch(n=16, seed=0):
@@ -24,7 +32,7 @@ def _batch(n=16, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("arch,hidden", [("mlp", 32), ("conv", 256), ("sprite", 256)])
+@pytest.mark.parametrize("arch,hidden", [("mlp", 32), ("conv", 256), ("sprite", 256), ("warp", 256)])
 def test_shapes_and_loss(arch, hidden):
     model = SupervisedVAE(arch, z_dim=6, hidden=hidden, learn_translation=True)
     x, y = _batch()
@@ -209,3 +217,27 @@ def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
         load_checkpoint(tmp_path)
     assert load_optimizer_state(tmp_path) is None
+
+
+def test_warp_draws_an_upright_shape_at_any_orientation_and_position():
+    """The warp decoder's geometry at its starting point is the renderer's: an upright
+    heart put on its canvas, turned and moved to classes it never saw, matches the
+    rendered image (counter-clockwise turns of 2*pi/39 a class, centres at 15.5 + 32/31 k)."""
+    decoder = SupervisedVAE("warp", z_dim=2).decoder
+    upright = torch.as_tensor(render(np.array([(2, 5, 0, 15, 15)]))).float().view(1, 1, 64, 64)
+    # The canvas samples the upright image around its centre (15.5 + 32/31 * 15) at 1.5 per pixel.
+    offsets = (torch.arange(WARP_CANVAS) + 0.5) / WARP_CANVAS * WARP_SPAN - WARP_SPAN / 2
+    centre = 15.5 + 32 / 31 * 15
+    at = (centre + offsets + 0.5) / 32 - 1  # frame pixel p -> grid_sample coordinate (p + 0.5) / 32 - 1
+    grid = torch.stack(torch.meshgrid(at, at, indexing="xy"), -1).unsqueeze(0)
+    canvas = torch.nn.functional.grid_sample(upright, grid, align_corners=False)[0, 0] * 16 - 8
+    classes = np.array([(2, 5, o, x, y) for o, x, y in [(0, 15, 15), (5, 3, 28), (10, 20, 7), (27, 31, 0)]])
+    with torch.no_grad():
+        decoder.background.fill_(-8.0)
+        drawn = decoder.place(canvas.expand(len(classes), -1, -1), one_hot(torch.as_tensor(classes))) > 0
+    truth = torch.as_tensor(render(classes)).view(len(classes), -1) > 0
+    iou = (drawn & truth).sum(1) / (drawn | truth).sum(1)
+    assert (iou > 0.85).all(), iou
+    turned_wrong_way = np.array([(2, 5, 39 - 10, 20, 7)])  # the mirror turn reads far worse
+    wrong = torch.as_tensor(render(turned_wrong_way)).view(1, -1) > 0
+    assert ((drawn[2] & wrong[0]).sum() / (drawn[2] | wrong[0]).sum()) < iou[2] - 0.3

@@ -58,7 +58,7 @@ from cvae import fs
 from cvae.causal.families import FamilyTally, read_families, tv_table
 from cvae.causal.families import markdown_table as family_markdown
 from cvae.causal.families import save_figure as save_family_figure
-from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, classes_to_index, index_to_classes
+from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, ModelGrid, classes_to_index, index_to_classes
 from cvae.data.images import decode_image, encode_pngs, flatten, iou, pixel_error  # noqa: F401 (iou, pixel_error: the scores)
 from cvae.rng import hash_parts, row_keys, seed_from_query_id
 
@@ -256,6 +256,7 @@ class _State:
     world: object  # the generating FactorSCM: counterfactual classes of descendants
     reach: np.ndarray  # descendants(edges) of the generating SCM
     holdout: list
+    trained: object  # the ModelGrid of the training split, None when it is the whole grid
     figures_per_factor: int
     rev_limit: int
     composition_limit: int
@@ -296,8 +297,10 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
         files = _results_files(Path(results_local))
         interventions = _interventions(Path(queries_local))
         world = FactorSCM.of_dataset(manifest)
+        trained = ModelGrid.of_manifest(manifest)
         state = _State(truth, readout, world, descendants(world.edges), manifest.get("holdout") or [],
-                       figures_per_factor, reversibility_samples, composition_samples)
+                       None if trained.is_whole() else trained, figures_per_factor, reversibility_samples,
+                       composition_samples)
         seen_rows = unmatched = 0
         for table in _batches(files, interventions):
             seen_rows += table.num_rows
@@ -365,13 +368,18 @@ def _group_names(do: np.ndarray) -> np.ndarray:
     return names
 
 
-def _parts(classes_cf: np.ndarray, factual: np.ndarray, holdout: list) -> dict[str, np.ndarray]:
+def _parts(classes_cf: np.ndarray, factual: np.ndarray, holdout: list, trained=None) -> dict[str, np.ndarray]:
     """The row subsets each group is also scored on: all rows; held-out combinations and the
-    rest; and each scale of the true counterfactual image ("scale=k": small shapes are where
-    a model misses most, so the report breaks quality down by the scale it had to draw)."""
+    rest; counterfactuals with a class the training split lacks ("unseen": a model that
+    answers more than its training grid, cvae.model.coverage) and the rest ("trained"); and
+    each scale of the true counterfactual image ("scale=k": small shapes are where a model
+    misses most, so the report breaks quality down by the scale it had to draw)."""
     from cvae.data.shards import holdout_mask
 
     parts = {"all": np.ones(len(classes_cf), dtype=bool)}
+    if trained is not None:
+        unseen = trained.off(classes_cf).any(1) | trained.off(factual).any(1)
+        parts.update({"unseen": unseen, "trained": ~unseen})
     if holdout:
         held = holdout_mask(classes_cf, holdout) | holdout_mask(factual, holdout)
         parts.update({"holdout": held, "seen": ~held})
@@ -417,7 +425,7 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
     null = ((do < 0) | (do == factual)).all(1)
     names = _group_names(do)
     names[null] = ["null:" + name for name in names[null]]
-    parts = _parts(cf, factual, st.holdout)
+    parts = _parts(cf, factual, st.holdout, st.trained)
     intervened = do >= 0
     below = (intervened.astype(int) @ st.reach.astype(int)) > 0
     preserved, downstream = ~intervened & ~below, ~intervened & below
@@ -631,6 +639,9 @@ def _report(st: _State, rows: int, unmatched: int, results, checkpoint, queries)
     }
     if st.holdout:
         report["holdout"] = {part: _section(st.groups, "model", part) for part in ("holdout", "seen")}
+    if st.trained is not None:
+        report["training_grid"] = {"classes": st.trained.to_dict()["classes"],
+                                   **{part: _section(st.groups, "model", part) for part in ("unseen", "trained")}}
     report["by_scale"] = {str(k): _section(st.groups, "model", f"scale={k}")["overall"]
                           for k in range(FACTOR_SIZES["scale"])}
     return report
@@ -764,6 +775,11 @@ def markdown(report: dict) -> str:
         for part, title in (("holdout", "Rows touching held-out combinations"),
                             ("seen", "Rows on seen combinations")):
             out += ["", f"## {title}", ""] + _table(report["holdout"][part])
+    if "training_grid" in report:
+        for part, title in (("unseen", "Counterfactuals with a class the training split lacks"),
+                            ("trained", "Counterfactuals on the training grid")):
+            if report["training_grid"][part]["overall"] or report["training_grid"][part]["null"]["overall"]:
+                out += ["", f"## {title}", ""] + _table(report["training_grid"][part])
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
     return "\n".join(out) + "\n"

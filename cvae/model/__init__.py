@@ -1,2 +1,3 @@
 """Stage 2, the model: the supervised VAE's networks, its checkpoints, and data-parallel
-training with Ray Train (networks -> checkpoint -> train)."""
+training with Ray Train, and the classes a trained model answers, measured
+(networks -> checkpoint -> train -> coverage)."""

@@ -78,7 +78,7 @@ class ConvEncoder(nn.Module):
     """Burgess et al. 2018: four 4x4 stride-2 convs of 32 channels, then 256 -> 256 -> z;
     the labels join the flattened conv features."""
 
-    def __init__(self, z_dim: int, hidden: int = 256):
+    def __init__(self, z_dim: int, hidden: int = 256, label_dim: int = LABEL_DIM):
         super().__init__()
         self.convs = nn.Sequential(
             nn.Conv2d(1, 32, 4, 2, 1), relu(),
@@ -87,7 +87,7 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(32, 32, 4, 2, 1), relu(),
         )
         self.fc = nn.Sequential(
-            nn.Linear(32 * 4 * 4 + LABEL_DIM, 256), relu(),
+            nn.Linear(32 * 4 * 4 + label_dim, 256), relu(),
             nn.Linear(256, 256), relu(),
         )
         self.loc = nn.Linear(256, z_dim)
@@ -216,10 +216,102 @@ class SpriteDecoder(nn.Module):
         return frame.flatten(1) + self.background
 
 
+WARP_CANVAS = 48  # the warp canvas: 48x48 logits spanning 32 frame pixels (1.5 per pixel)
+WARP_SPAN = 32  # frame pixels the canvas spans: the largest shape (a turned square, about 29 px) fits
+DRAW_DIM = FACTOR_SIZES["shape"] + FACTOR_SIZES["scale"]  # 9: what the canvas network sees
+
+
+def class_values(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The orientation, pos_x and pos_y classes of a one-hot code y, as float (B,) each."""
+    start = DRAW_DIM
+    out = []
+    for f in ("orientation", "pos_x", "pos_y"):
+        out.append(y[:, start:start + FACTOR_SIZES[f]].argmax(1).float())
+        start += FACTOR_SIZES[f]
+    return out[0], out[1], out[2]
+
+
+def label_features(y: torch.Tensor) -> torch.Tensor:
+    """(B, 113) one-hot code -> (B, 17) features that vary smoothly with the class values:
+    shape and scale one-hot, the orientation angle as cos and sin of 1, 2 and 4 times it,
+    and the positions in [-1, 1]. An unseen orientation or position is then between seen
+    ones, not an untrained code (the warp model's encoder)."""
+    orientation, pos_x, pos_y = class_values(y)
+    angle = orientation * (2 * torch.pi / 39)
+    harmonics = [f(k * angle) for k in (1, 2, 4) for f in (torch.cos, torch.sin)]
+    positions = [pos_x / 15.5 - 1, pos_y / 15.5 - 1]
+    return torch.cat([y[:, :DRAW_DIM], torch.stack(harmonics + positions, 1)], dim=1)
+
+
+class WarpEncoder(ConvEncoder):
+    """ConvEncoder whose labels enter as `label_features` instead of one-hot codes."""
+
+    def __init__(self, z_dim: int, hidden: int = 256):
+        super().__init__(z_dim, hidden, label_dim=DRAW_DIM + 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x, label_features(y))
+
+
+class WarpDecoder(nn.Module):
+    """Draws an upright shape from (z, shape, scale) on a canvas, then turns and moves it
+    into the frame with one bilinear resampling (a spatial transformer): frame pixel p
+    reads the canvas at R(-angle) (p - centre). Angle and centre are functions of the
+    class *values*, angle = angle_step * orientation + angle_offset and
+    centre = origin + step * position, so a class the model never saw is drawn by the same
+    mechanism as the seen ones; the six numbers start at the renderer's geometry
+    (cvae.data.render: counter-clockwise on screen, 2*pi/39 per class; centres at
+    15.5 + 32/31 * class) and are learned. The canvas holds logits at 1.5 samples per frame
+    pixel, so sub-pixel turns and steps move the drawn edge continuously."""
+
+    def __init__(self, z_dim: int, hidden: int = 256):
+        super().__init__()
+        self.fc = burgess_fc(z_dim + DRAW_DIM, 6)
+        self.deconvs = burgess_upsampler(3)  # 6 -> 48
+        self.background = nn.Parameter(torch.tensor(-5.0))
+        # The geometry, as corrections in units that make one optimiser step small: Adam moves
+        # every parameter by about lr a step, and a raw angle step moves class 39 by 39 times that.
+        self.geometry = nn.Parameter(torch.zeros(6))  # angle step, angle offset, origin x, y, step x, y
+
+    def angles_and_centres(self, orientation, pos_x, pos_y):
+        """The turn (radians) and the centre (column, row in pixels) of each class value."""
+        g = self.geometry
+        angle = (2 * torch.pi / 39) * (1 + 1e-3 * g[0]) * orientation + 1e-2 * g[1]
+        centre_x = 15.5 + 1e-2 * g[2] + (32 / 31) * (1 + 1e-3 * g[4]) * pos_x
+        centre_y = 15.5 + 1e-2 * g[3] + (32 / 31) * (1 + 1e-3 * g[5]) * pos_y
+        return angle, centre_x, centre_y
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = channels_last(self.fc(torch.cat([z, y[:, :DRAW_DIM]], dim=1)).view(-1, 32, 6, 6))
+        return self.place(self.deconvs(h).squeeze(1), y)
+
+    def place(self, canvas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, 48, 48) upright canvas logits, turned and moved per the one-hot code y -> (B, 4096)."""
+        frame = F.grid_sample((canvas - self.background).unsqueeze(1).contiguous(), self.sampling_grid(y),
+                              mode="bilinear", padding_mode="zeros", align_corners=False)
+        return frame.flatten(1) + self.background
+
+    def sampling_grid(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, 64, 64, 2): where each frame pixel reads the canvas, in grid_sample's
+        normalised coordinates (the canvas spans -1..1, that is WARP_SPAN frame pixels)."""
+        angle, centre_x, centre_y = self.angles_and_centres(*class_values(y))
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # Frame pixel (r, c) has its centre at (c, r). With rows pointing down, turning by
+        # -angle counter-clockwise on screen is (dx, dy) -> (dx cos - dy sin, dx sin + dy cos).
+        pixels = torch.arange(IMAGE_SIZE, dtype=y.dtype, device=y.device)
+        dx = pixels.view(1, 1, -1) - centre_x.view(-1, 1, 1)  # (B, 1, 64)
+        dy = pixels.view(1, -1, 1) - centre_y.view(-1, 1, 1)  # (B, 64, 1)
+        half = WARP_SPAN / 2
+        u = (dx * cos.view(-1, 1, 1) - dy * sin.view(-1, 1, 1)) / half
+        v = (dx * sin.view(-1, 1, 1) + dy * cos.view(-1, 1, 1)) / half
+        return torch.stack([u, v], dim=-1)
+
+
 ARCHITECTURES = {
     "mlp": (MLPEncoder, MLPDecoder),
     "conv": (ConvEncoder, ConvDecoder),
     "sprite": (ConvEncoder, SpriteDecoder),
+    "warp": (WarpEncoder, WarpDecoder),
 }
 
 

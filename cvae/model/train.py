@@ -304,9 +304,10 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         _wait_until_committed()
         return
+    grid, coverage = _measured_grid(loop_config, model, config.seed)
     meta = {
         "config": config.to_dict(), "manifest": loop_config["manifest"],
-        "scm": loop_config["scm"], "grid": loop_config.get("grid"), "epoch": epoch, "attempt": record["attempt"],
+        "scm": loop_config["scm"], "grid": grid, "coverage": coverage, "epoch": epoch, "attempt": record["attempt"],
         "placement": loop_config["placement"],
         "metrics": _json_safe(record), "history": _json_safe(history),
     }
@@ -332,6 +333,28 @@ def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
             write_metrics(Path(loop_config["progress_dir"]), history)
         except OSError as exc:
             print(f"(could not refresh metrics in {loop_config['progress_dir']}: {exc})", flush=True)
+
+
+def _measured_grid(loop_config: dict, model, seed: int) -> tuple[dict | None, dict]:
+    """The grid this checkpoint declares: the training grid, widened to the whole range of
+    each factor whose unseen classes it measurably draws right (cvae.model.coverage)."""
+    from cvae.data.grid import ModelGrid
+    from cvae.data.groundtruth import GroundTruth
+    from cvae.model.coverage import measure_coverage
+
+    if not loop_config.get("grid"):
+        return None, {}
+    trained = ModelGrid.from_dict(loop_config["grid"])
+    if trained.is_whole():
+        return trained.to_dict(), {}
+    module = getattr(model, "module", model)
+    try:
+        truth = GroundTruth.from_manifest(loop_config["manifest"])
+        grid, coverage = measure_coverage(module, trained, truth, next(module.parameters()).device, seed)
+    except (OSError, ValueError) as exc:  # no ground truth here: declare what it trained on
+        logging.getLogger(__name__).warning("grid not measured (%s): the checkpoint answers its training grid", exc)
+        return trained.to_dict(), {"error": str(exc)}
+    return grid.to_dict(), coverage
 
 
 def _wait_until_committed() -> None:
