@@ -243,7 +243,7 @@ def test_queries_spread_over_nodes_and_survive_a_node_kill(cluster, tmp_path):
 
 
 def test_the_pipeline_submitted_with_ray_job_submit_into_a_bucket(cluster, s3_server):
-    """The README's cluster command, as written: `ray job submit --runtime-env
+    """docs/cluster.md's command, as written: `ray job submit --runtime-env
     cluster/runtime_env.yaml -- python -m jobs.pipeline ... --out s3://...` from the
     repository root, every stage reading and writing the bucket."""
     two_workers(cluster)

@@ -30,7 +30,7 @@ interventions off it are skipped. The summary counts what was skipped (`skipped_
 so a set never holds a row the model would refuse.
 
 The output holds `part-00000.parquet`, ... (query rows in the query schema of
-docs/DESIGN) and `_summary.json`. Rows are produced a chunk of sources at a time
+docs/contracts.md) and `_summary.json`. Rows are produced a chunk of sources at a time
 and each file holds at most `rows_per_file` rows, so a set of tens of millions of
 rows never sits in memory. Everything random comes from a counter-based hash of
 (seed, source index, entry), so a query's row does not depend on chunking or on

@@ -1,4 +1,4 @@
-"""The Parquet contracts of queries, results and errors (../shared/DESIGN.md), in one place.
+"""The Parquet contracts of queries, results and errors (docs/contracts.md), in one place.
 
 Pure: only pyarrow and the factor names, so every module that writes or reads these files
 (the query generator, the engine, the families, the API) can import them without pulling
