@@ -6,6 +6,7 @@ An unknown key, a wrong type, an impossible value or a missing file is a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,7 +327,9 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+        meant = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"did you mean '{meant[0]}'? " if meant else ""
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key ({hint}known keys: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")

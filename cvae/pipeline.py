@@ -235,6 +235,8 @@ def _summary(run: _Run, training, data_dir: str, queries_dir: str, answers_dir: 
             "answers": fs.join(answers_dir, SUCCESS),
             "report": fs.join(eval_dir, "report.json"),
             "report table": fs.join(eval_dir, "report.md"),
+            # figures/counterfactuals_<factor>.png (and families.png), as the report lists them
+            "report figures": [fs.join(eval_dir, name) for name in report.get("figures") or []],
         },
         # The loss of the model the answers came from (a late spike is not evaluated).
         "best epoch": _best_epoch(training.best_metrics, training.best_by),

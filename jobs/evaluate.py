@@ -1,4 +1,4 @@
-"""Evaluate counterfactual results against ground truth: report.json, report.md, figures/.
+r"""Evaluate counterfactual results against ground truth: report.json, report.md, figures/.
 
     python -m jobs.evaluate --results DIR --queries PATH --checkpoint CKPT --out DIR [--data DIR]
 
@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="a checkpoint folder, or a training run folder (its best checkpoint)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--data", default=None, help="dataset folder (for its manifest)")
-    parser.add_argument("--figures-per-factor", type=int, default=8)
+    parser.add_argument("--figures-per-factor", type=int, default=8,
+                        help="answers shown in each figures/*.png, one figure per intervened factor (0: none)")
     parser.add_argument("--reversibility-samples", type=int, default=256,
                         help="reversal queries per intervened-factor group")
     parser.add_argument("--composition-samples", type=int, default=256,
                         help="factual images encoded and decoded for the model's composition")
-    parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--max-samples", type=int, default=64,
+                        help="most samples a query may ask (the query job's query.max_samples), "
+                             "for the reversal queries the evaluation answers itself")
     add_level_option(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)

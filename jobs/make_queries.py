@@ -1,4 +1,4 @@
-"""Write a bulk counterfactual query set from a spec: partitioned Parquet under --out.
+r"""Write a bulk counterfactual query set from a spec: partitioned Parquet under --out.
 
     python -m jobs.make_queries --spec SPEC --out DIR [--data DIR] [--checkpoint CKPT]
 

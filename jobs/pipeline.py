@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"counterfactuals vs ground truth: {line}")
     print("files written:")
     for name, path in summary["files"].items():
-        print(f"  {name}: {path}")
+        if isinstance(path, list):  # the evaluation's figures, one per line
+            print(f"  {name}:" + "".join(f"\n    {one}" for one in path))
+        else:
+            print(f"  {name}: {path}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Answer a Parquet file (or folder) of queries with the SCM held by a Ray actor pool.
+r"""Answer a Parquet file (or folder) of queries with the SCM held by a Ray actor pool.
 
     python -m jobs.query --checkpoint CKPT --queries PATH --out DIR [--actors N] [--batch-size N]
                          [--cpus-per-actor N] [--config CONFIG] [--address ADDR] [--overwrite]
@@ -43,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", required=True, help="a Parquet file or a folder of them (path or URI)")
     parser.add_argument("--out", required=True, help="output folder (results/, errors/, _SUCCESS.json; path or URI)")
     parser.add_argument("--config", help="YAML config; its `query` section gives the defaults")
-    parser.add_argument("--actors", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--gpus-per-actor", type=float)
-    parser.add_argument("--cpus-per-actor", type=float, help="CPUs (and torch threads) per actor")
+    parser.add_argument("--actors", type=int,
+                        help="query actors, each holding the model (default: the config's query.actors, else 2)")
+    parser.add_argument("--batch-size", type=int,
+                        help="most queries an actor answers per call; answers do not depend on it "
+                             "(default: query.batch_size, else 4096)")
+    parser.add_argument("--gpus-per-actor", type=float,
+                        help="GPUs per actor, a fraction shares one GPU (default: query.gpus_per_actor, else 0)")
+    parser.add_argument("--cpus-per-actor", type=float,
+                        help="CPUs (and torch threads) per actor (default: query.cpus_per_actor, else 1)")
     parser.add_argument("--address", help="Ray address (default: the config's ray_address, else local)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished output in --out")
     parser.add_argument("--verify", action="store_true",

@@ -100,6 +100,16 @@ def test_bad_configs_fail_at_load_naming_key_and_file(tmp_path, change, message)
     assert str(path) in str(err.value)
 
 
+
+def test_a_mistyped_key_names_the_key_probably_meant(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.train\.epoch: unknown key \(did you mean 'epochs'\? known keys: "):
+        load_config(_write(tmp_path, _tiny(train__epoch=3)))
+    with pytest.raises(ConfigError, match=r"config\.qeury: unknown key \(did you mean 'query'\?"):
+        load_config(_write(tmp_path, _tiny(qeury={"actors": 1})))
+    with pytest.raises(ConfigError, match=r"config\.bogus: unknown key \(known keys: ") as err:
+        load_config(_write(tmp_path, _tiny(bogus=1)))  # nothing close: no guess
+    assert "did you mean" not in str(err.value)
+
 def test_validation_fraction_defaults_to_a_split_and_may_be_zero(tmp_path):
     assert load_config(_write(tmp_path, _tiny())).data.validation_fraction == 0.05
     assert load_config(_write(tmp_path, _tiny(data__validation_fraction=0))).data.validation_fraction == 0.0

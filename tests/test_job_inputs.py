@@ -281,6 +281,11 @@ def test_help_names_the_program_and_only_files_that_exist(job, capsys):
     for path in re.findall(r"\bruns/[\w./-]+", text):
         assert path.startswith(("runs/local/data", "runs/local/train", "runs/local/queries",
                                 "runs/local/answers", "runs/local/eval", "runs/local/bulk")), path
+    # Example commands keep their line breaks (a backslash ends the line, the next one goes on),
+    # and every option says what it is.
+    assert not re.search(r"\S {4,}--\w", text), text
+    options = text[text.index("options:"):]
+    assert not re.search(r"^  -[-\w]+(?: [A-Z_{},]+)?\n  -", options, re.M), options
 
 
 def test_a_checkpoint_of_an_older_renderer_is_refused_before_ray(tmp_path):

@@ -24,6 +24,9 @@ def test_pipeline_through_uris_writes_every_stage_and_composition_is_exact(ray_s
                  "eval/report.json", "eval/report.md", "summary.json"):
         assert (out / name).is_file(), name
     assert summary["files"]["report"] == f"{out.as_uri()}/eval/report.json"
+    figures = summary["files"]["report figures"]  # every figure the evaluation wrote, and only those
+    assert figures and figures == json.loads((out / "summary.json").read_text())["files"]["report figures"]
+    assert sorted(figures) == sorted(p.as_uri() for p in (out / "eval" / "figures").glob("*.png"))
 
     results, errors = read_output(out / "answers")
     queries = json.loads((out / "queries" / "_summary.json").read_text())
