@@ -9,7 +9,8 @@ classes it saw (interpolation), beyond them (extrapolation), and on its training
 
 For each arch: the pipeline runs on the config with `model.arch` replaced (out: OUT/<arch>;
 its report scores the queries on the model's declared grid), then this asks every source
-one `do` per (factor, kind) below, answered through the SCM with the model's grid ignored
+one `do` per (factor, kind) below (and, "unseen source", the source moved to a class of the
+factor it never saw, taken back to a seen one), answered through the SCM with the model's grid ignored
 (so a model that would refuse these is measured too), and reads every answer back over the
 whole 737,280-image grid: IoU with the true image, effectiveness, preservation. Prints a
 table and writes OUT/generalise.json and OUT/unseen_<arch>.png (rows: factual, answers at
@@ -29,7 +30,7 @@ import torch
 
 from cvae.causal.image import ImageSCM
 from cvae.config import load_config
-from cvae.data.grid import FACTOR_SIZES, FACTORS, ModelGrid, classes_to_index
+from cvae.data.grid import FACTOR_SIZES, FACTORS, ModelGrid, classes_to_index, index_to_classes
 from cvae.data.groundtruth import GroundTruth
 from cvae.data.shards import MANIFEST, read_manifest
 from cvae.evaluate.readout import Readout
@@ -40,14 +41,14 @@ from cvae.model.networks import SupervisedVAE
 from cvae.pipeline import run_pipeline
 from cvae.serve.make_queries import split_indices
 
-KINDS = ("trained", "interpolation", "extrapolation")
+KINDS = ("trained", "interpolation", "extrapolation", "unseen source")
 
 
 def do_classes(trained: ModelGrid, factor: str, kind: str) -> np.ndarray:
     """The classes of `factor` a query of `kind` may ask for."""
     seen = trained.classes[factor]
     every = np.arange(FACTOR_SIZES[factor])
-    if kind == "trained":
+    if kind in ("trained", "unseen source"):  # an unseen source is taken back to a seen class
         return seen
     unseen = np.setdiff1d(every, seen)
     inside = (unseen > seen.min()) & (unseen < seen.max())
@@ -66,14 +67,16 @@ def measure(checkpoint: str, data_dir: str, sources: int, seed: int, figure: Pat
     scm = ImageSCM(scm.vae, scm.factors, abduct_z=scm.abduct_z, device=scm.device)  # the whole grid
     rng = np.random.default_rng(seed)
     index = rng.choice(split_indices(data_dir, "test"), sources, replace=False)
-    factual = np.stack([np.asarray(c) for c in _classes(index)])
-    images = truth.images(index).reshape(sources, -1)
     results, shown = {}, []
     for kind in KINDS:
         for j, f in enumerate(FACTORS):
             values = do_classes(trained, f, kind)
-            if f in ("shape", "scale") or not len(values):
+            if f in ("shape", "scale") or not len(values) or (kind == "unseen source" and trained.is_whole(f)):
                 continue
+            factual = index_to_classes(index, with_color=False)
+            if kind == "unseen source":  # the test image moved to a class of f it never saw
+                factual[:, j] = rng.choice(np.setdiff1d(np.arange(FACTOR_SIZES[f]), trained.classes[f]), sources)
+            images = truth.images(classes_to_index(factual)).reshape(sources, -1)
             do = np.full((sources, len(FACTORS)), -1)
             do[:, j] = rng.choice(values, sources)
             keys = rng.integers(0, 2**63, sources, dtype=np.int64).astype(np.uint64)
@@ -88,19 +91,13 @@ def measure(checkpoint: str, data_dir: str, sources: int, seed: int, figure: Pat
                      do, preserved, np.zeros_like(preserved))
             s = sums.summary()
             results.setdefault(kind, {})[f] = {k: s[k] for k in ("count", "iou", "effectiveness", "preservation")}
-            if kind != "trained":
+            if kind in ("interpolation", "extrapolation"):
                 shown.append((f"{kind[:6]} {f}", answer[:8], true_cf[:8]))
     if shown:
         rows = [truth.images(index[:8])] + [r for _, a, t in shown for r in (a, t)]
         labels = ["factual"] + [lab for name, _, _ in shown for lab in (f"{name}", "truth")]
         save_image_grid(figure, rows, row_labels=labels, title="Counterfactuals at unseen classes")
     return {"trained_grid": trained.to_dict()["classes"], "results": results}
-
-
-def _classes(index: np.ndarray):
-    from cvae.data.grid import index_to_classes
-
-    return index_to_classes(index, with_color=False)
 
 
 def speed(archs: list[str], rounds: int = 7, steps: int = 10) -> None:
@@ -134,6 +131,18 @@ def speed(archs: list[str], rounds: int = 7, steps: int = 10) -> None:
               f"{statistics.median(query[a]):7.0f} images/s   ({weights:,} weights)")
 
 
+def coverage_now(checkpoint: str, data_dir: str) -> dict:
+    """The checkpoint's coverage measured by this cvae (cvae.model.coverage), whatever the
+    version that trained it recorded."""
+    from cvae.model.checkpoint import load_checkpoint
+    from cvae.model.coverage import measure_coverage
+
+    vae, meta = load_checkpoint(checkpoint, device="cpu")
+    manifest = read_manifest(Path(data_dir))
+    return measure_coverage(vae, ModelGrid.of_manifest(manifest), GroundTruth.from_manifest(manifest),
+                            torch.device("cpu"), seed=meta["config"]["seed"])[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/local.yaml")
@@ -156,7 +165,7 @@ def main() -> None:
         row = measure(checkpoint, str(out / arch / "data"), args.sources, args.seed, out / f"unseen_{arch}.png")
         row.update(test_loss=meta["metrics"].get("test_loss"), validation_loss=meta["metrics"].get("validation_loss"),
                    train_minutes=round(sum(h["seconds"] for h in meta["history"]) / 60, 2),
-                   declared_grid=meta.get("grid"), coverage=meta.get("coverage"),
+                   declared_grid=meta.get("grid"), coverage=coverage_now(checkpoint, str(out / arch / "data")),
                    pipeline_overall=summary.get("overall"))
         table[arch] = row
         (out / "generalise.json").write_text(json.dumps(table, indent=2, default=str))

@@ -70,6 +70,17 @@ def test_blank_and_untrained_models_are_not_declared():
         assert grid == TRAINED and not any(c["answered"] for c in coverage.values())
 
 
+def test_a_model_that_copies_the_image_through_z_is_not_declared():
+    """It reconstructs every image exactly at its own classes, so a reconstruction passes it
+    by construction; drawn at changed classes it returns the source image, and fails."""
+    copier = Drawer(lambda c: c)
+    copier.encode = lambda x, y: (x, torch.ones_like(x))
+    copier.decode = lambda z, y: z * 20 - 10
+    grid, coverage = measure(copier)
+    assert grid == TRAINED and not any(c["answered"] for c in coverage.values())
+    assert all(c["unseen_iou"] < 0.9 for c in coverage.values())
+
+
 def test_a_whole_training_grid_needs_no_measurement():
     grid, coverage = measure_coverage(None, ModelGrid.whole(), GroundTruth(), torch.device("cpu"))
     assert grid.is_whole() and coverage == {}

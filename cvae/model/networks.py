@@ -219,6 +219,7 @@ class SpriteDecoder(nn.Module):
 WARP_CANVAS = 48  # the warp canvas: 48x48 logits spanning 32 frame pixels (1.5 per pixel)
 WARP_SPAN = 32  # frame pixels the canvas spans: the largest shape (a turned square, about 29 px) fits
 DRAW_DIM = FACTOR_SIZES["shape"] + FACTOR_SIZES["scale"]  # 9: what the canvas network sees
+ORIENTATION_STEP = 2 * torch.pi / 39  # radians per class: 40 classes over [0, 2*pi] inclusive
 
 
 def class_values(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,7 +238,7 @@ def label_features(y: torch.Tensor) -> torch.Tensor:
     and the positions in [-1, 1]. An unseen orientation or position is then between seen
     ones, not an untrained code (the warp model's encoder)."""
     orientation, pos_x, pos_y = class_values(y)
-    angle = orientation * (2 * torch.pi / 39)
+    angle = orientation * ORIENTATION_STEP
     harmonics = [f(k * angle) for k in (1, 2, 4) for f in (torch.cos, torch.sin)]
     positions = [pos_x / 15.5 - 1, pos_y / 15.5 - 1]
     return torch.cat([y[:, :DRAW_DIM], torch.stack(harmonics + positions, 1)], dim=1)
@@ -276,7 +277,7 @@ class WarpDecoder(nn.Module):
     def angles_and_centres(self, orientation, pos_x, pos_y):
         """The turn (radians) and the centre (column, row in pixels) of each class value."""
         g = self.geometry
-        angle = (2 * torch.pi / 39) * (1 + 1e-3 * g[0]) * orientation + 1e-2 * g[1]
+        angle = ORIENTATION_STEP * (1 + 1e-3 * g[0]) * orientation + 1e-2 * g[1]
         centre_x = 15.5 + 1e-2 * g[2] + (32 / 31) * (1 + 1e-3 * g[4]) * pos_x
         centre_y = 15.5 + 1e-2 * g[3] + (32 / 31) * (1 + 1e-3 * g[5]) * pos_y
         return angle, centre_x, centre_y
