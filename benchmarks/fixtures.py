@@ -15,7 +15,7 @@ import torch
 
 from cvae.causal.factors import FactorSCM
 from cvae.config import Config
-from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES
+from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, classes_to_index
 from cvae.data.render import RENDERER_VERSION
 from cvae.model.checkpoint import save_checkpoint
 from cvae.model.networks import SupervisedVAE
@@ -42,16 +42,30 @@ def counterfactual_passes(model: SupervisedVAE, x: torch.Tensor, y: torch.Tensor
     model.decode(loc, y)
 
 
-def counterfactual_queries(n: int, seed: int = 0, first_id: int = 0) -> pa.Table:
-    """n counterfactuals from random sources, each intervening on one random factor."""
+def counterfactual_queries(n: int, seed: int = 0, first_id: int = 0, sources: dict | None = None) -> pa.Table:
+    """n counterfactuals from random sources, each intervening on one random factor.
+
+    `sources` (factor -> classes) keeps the sources to those classes, e.g. the support of a
+    checkpoint's factor SCM (`source_classes`); by default any image of the grid."""
     rng = np.random.default_rng(seed)
     factor = rng.integers(0, len(FACTORS), n)
+    if sources is None:
+        source = rng.integers(0, NUM_IMAGES, n)
+    else:
+        source = classes_to_index(np.stack([rng.choice(np.asarray(sources[f]), n) for f in FACTORS], axis=1))
     columns = {"query_id": pa.array([f"q{i:08d}" for i in range(first_id, first_id + n)]),
                "kind": pa.array(["counterfactual"] * n),
-               "source_index": pa.array(rng.integers(0, NUM_IMAGES, n))}
+               "source_index": pa.array(source)}
     for j, name in enumerate(FACTORS):
         columns[f"do_{name}"] = pa.array(rng.integers(0, FACTOR_SIZES[name], n), mask=factor != j)
     return pa.table(columns)
+
+
+def source_classes(scm) -> dict:
+    """The classes of each factor with a nonzero marginal under a FactorSCM's tables (for a
+    root factor its table; for a child, any class some parent row allows)."""
+    return {f: np.flatnonzero(np.asarray(t).reshape(-1, np.asarray(t).shape[-1]).max(axis=0) > 0).tolist()
+            for f, t in scm.tables.items()}
 
 
 def mixed_queries(n: int, seed: int = 0) -> pa.Table:

@@ -89,6 +89,8 @@ class ModelConfig:
     # sprite only: learn the position maps (the default, null) or freeze them (false) at
     # their whole-pixel starting guess
     learn_translation: bool | None = None
+    channels: int = 32  # width of the conv layers (conv, sprite, warp); fewer is faster to train and ask
+    encoder_channels: int | None = None  # the encoder's width where it differs (null: channels)
 
     def validate(self, where: str) -> None:
         _one_of(self.arch, ("mlp", "conv", "sprite", "warp"), f"{where}.arch")
@@ -97,6 +99,9 @@ class ModelConfig:
                               f"to learn, got arch {self.arch!r}")
         _positive(self.z_dim, f"{where}.z_dim")
         _positive(self.hidden, f"{where}.hidden")
+        _positive(self.channels, f"{where}.channels")
+        if self.encoder_channels is not None:
+            _positive(self.encoder_channels, f"{where}.encoder_channels")
 
 
 LR_SCHEDULES = ("constant", "cosine")

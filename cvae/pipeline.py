@@ -122,11 +122,16 @@ def _data(run: _Run) -> tuple[str, str]:
 def _train(run: _Run, data_dir: str, data_id: str):
     from cvae.model.checkpoint import load_meta
     from cvae.model.coverage import grid_lines
+    from cvae.model.networks import CHANNELS
     from cvae.model.train import TrainingResult, run_training
 
     config, folder = run.config, fs.join(run.out, "train")
     run.stage("train")
-    identity = {"data": data_id, "model": dataclasses.asdict(config.model), "scm": dataclasses.asdict(config.scm),
+    model = dataclasses.asdict(config.model)
+    for key, default in (("channels", CHANNELS), ("encoder_channels", None)):
+        if model[key] == default:  # added later: a run of the default widths keeps its fingerprint
+            del model[key]
+    identity = {"data": data_id, "model": model, "scm": dataclasses.asdict(config.scm),
                 "lr": config.train.lr, "batch_size": config.train.batch_size, "seed": config.seed}
     inputs = {"identity": identity, "epochs": config.train.epochs, "run_name": config.name}
     record = run.reuse("train", folder, inputs, config.name)

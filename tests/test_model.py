@@ -170,6 +170,29 @@ def test_checkpoint_round_trip_with_optimizer(tmp_path):
     assert int(opt2.state_dict()["state"][0]["step"]) == 1
 
 
+@pytest.mark.parametrize("arch", ["conv", "sprite", "warp"])
+def test_the_conv_width_is_in_the_spec_only_when_not_the_default(tmp_path, arch):
+    """`channels` narrows every conv layer; a checkpoint records it and loads it back, and a
+    model of the default width keeps the spec older checkpoints have."""
+    assert "channels" not in SupervisedVAE(arch, z_dim=4).spec()
+    narrow, wide = SupervisedVAE(arch, z_dim=4, channels=8), SupervisedVAE(arch, z_dim=4)
+
+    def widths(model):
+        convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+        return {(m.in_channels, m.out_channels) for m in model.modules() if isinstance(m, convs)}
+    assert widths(narrow) <= {(1, 8), (8, 8), (8, 1)} and (8, 8) in widths(narrow)
+    assert widths(wide) <= {(1, 32), (32, 32), (32, 1)} and (32, 32) in widths(wide)
+    save_checkpoint(tmp_path, narrow, {"epoch": 1})
+    loaded, meta = load_checkpoint(tmp_path)
+    assert meta["model"]["channels"] == 8 and loaded.spec() == narrow.spec()
+    x, y = _batch()
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(torch.zeros(len(y), 4), y), narrow.decode(torch.zeros(len(y), 4), y))
+    thin = SupervisedVAE(arch, z_dim=4, encoder_channels=8)  # a narrow encoder only
+    assert thin.spec()["encoder_channels"] == 8 and "channels" not in thin.spec()
+    assert widths(thin.encoder) == {(1, 8), (8, 8)} and widths(thin.decoder) == widths(wide.decoder)
+
+
 class _Exploit:
     """Unpickling this would run os.system: the attack a checkpoint must not allow."""
 

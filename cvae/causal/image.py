@@ -43,6 +43,18 @@ class Noise:
     known: np.ndarray
     u_z: torch.Tensor
     u_x: torch.Tensor
+    drawn: Drawn | None = None
+
+
+@dataclass
+class Drawn:
+    """Canvases of the factual pass (m, ...) and the classes (m, 5) they were drawn at, -1 in
+    rows not drawn. For a decoder that draws a canvas from (z, some factors) and then places
+    it (cvae.model.networks), the prediction reuses a row's canvas when the action leaves
+    those factors unchanged: same z, same inputs, so the same numbers without redrawing."""
+
+    canvas: torch.Tensor
+    classes: np.ndarray
 
 
 @dataclass
@@ -113,10 +125,30 @@ class ImageSCM:
                 out[i:i + rows] = r[:rows]
         return outs
 
-    def pixel_probs(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """p = sigmoid(decoder(z, classes)) in float64, (m, 4096)."""
-        (logits,) = self._net(self.vae.decode, z.to(self.device), classes.to(self.device))
-        return logits.double().sigmoid_()
+    def pixel_probs(self, z: torch.Tensor, classes: torch.Tensor, drawn: Drawn | None = None) -> torch.Tensor:
+        """p = sigmoid(decoder(z, classes)) in float64, (m, 4096); `drawn` canvases reused where they fit."""
+        return self._decode(z, classes, drawn)[0]
+
+    def _decode(self, z: torch.Tensor, classes: torch.Tensor,
+                drawn: Drawn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """p in float64 and the canvases it was placed from (None for decoders without one).
+        With `drawn`, only the rows whose canvas factors differ from its classes are drawn
+        again (its canvas tensor is updated in place)."""
+        z, classes = z.to(self.device), classes.to(self.device)
+        factors = self.vae.canvas_factors
+        if factors is None:
+            (logits,) = self._net(self.vae.decode, z, classes)
+            return logits.double().sigmoid_(), None
+        if drawn is None:
+            (canvas,) = self._net(self.vae.draw, z, classes)
+        else:
+            canvas, columns = drawn.canvas, [FACTORS.index(f) for f in factors]
+            changed = (drawn.classes[:, columns] != classes.cpu().numpy()[:, columns]).any(axis=1)
+            redraw = torch.as_tensor(np.flatnonzero(changed), device=self.device)
+            if len(redraw):
+                (canvas[redraw],) = self._net(self.vae.draw, z[redraw], classes[redraw])
+        (logits,) = self._net(self.vae.place, canvas, classes)
+        return logits.double().sigmoid_(), canvas
 
     # ----------------------------------------------------------------- the Pyro model
 
@@ -134,15 +166,16 @@ class ImageSCM:
             classes[:, i] = pyro.sample(f, dist.Delta(torch.as_tensor(value, dtype=torch.long), validate_args=False))
         return classes
 
-    def image_model(self, classes: torch.Tensor) -> torch.Tensor:
-        """U_z ~ N(0, I), z = U_z; U_x ~ Uniform per pixel, x = 1[U_x < p]; (m, 4096) uint8."""
+    def image_model(self, classes: torch.Tensor, drawn: Drawn | None = None) -> torch.Tensor:
+        """U_z ~ N(0, I), z = U_z; U_x ~ Uniform per pixel, x = 1[U_x < p]; (m, 4096) uint8.
+        `drawn`: canvases already drawn at these z (see `Drawn`), a saving only."""
         with pyro.plate("rows", len(classes)):
-            return self._pixels(classes)
+            return self._pixels(classes, drawn)
 
-    def _pixels(self, classes: torch.Tensor) -> torch.Tensor:
+    def _pixels(self, classes: torch.Tensor, drawn: Drawn | None = None) -> torch.Tensor:
         u_z = pyro.sample("U_z", dist.Normal(torch.zeros(self.z_dim), 1.0, validate_args=False).to_event(1))
         z = pyro.deterministic("z", u_z, event_dim=1)
-        p = self.pixel_probs(z, classes).cpu()
+        p = self.pixel_probs(z, classes, drawn).cpu()
         u_x = pyro.sample("U_x", dist.Uniform(torch.zeros(NUM_PIXELS, dtype=torch.float64), 1.0,
                                               validate_args=False).to_event(1))
         return pyro.deterministic("x", (u_x < p).to(torch.uint8), event_dim=1)
@@ -166,7 +199,7 @@ class ImageSCM:
         is_cf = kinds == "counterfactual"
         noise = self.abduct(is_cf, given, do, factual, factual_images, keys)
         classes = self.act(noise, do, is_cf)
-        x = self.predict(classes, noise.u_z, noise.u_x)
+        x = self.predict(classes, noise.u_z, noise.u_x, noise.drawn)
         return Answer(classes.numpy(), x.numpy().reshape(len(kinds), IMAGE_SIZE, IMAGE_SIZE))
 
     def abduct(self, is_cf: np.ndarray, given: np.ndarray, do: np.ndarray, factual: np.ndarray,
@@ -186,6 +219,7 @@ class ImageSCM:
         u_z = torch.as_tensor(_normals(uniforms(keys, STREAM_Z, self.z_dim)), dtype=torch.float32)
         u_x = torch.as_tensor(uniforms(keys, STREAM_PIXELS, NUM_PIXELS))
         gumbel = {f: np.zeros((m, FACTOR_SIZES[f])) for f in FACTORS}
+        drawn = None
         if is_cf.any():
             for f, g in self.factors.abduct_gumbels(factual[cf], keys[cf]).items():
                 gumbel[f][cf] = g
@@ -193,7 +227,14 @@ class ImageSCM:
             y = torch.as_tensor(factual[cf])
             z = self._abduct_z(images.float(), y, u_z[cf])
             u_z[cf] = z
-            p = self.pixel_probs(z, y).cpu()
+            p, canvas = self._decode(z, y)
+            p = p.cpu()
+            if canvas is not None and isinstance(cf, slice):  # kept for the prediction (`Drawn`)
+                drawn = Drawn(canvas, factual.copy())
+            elif canvas is not None:
+                drawn = Drawn(canvas.new_zeros((m,) + canvas.shape[1:]), np.full((m, len(FACTORS)), -1))
+                drawn.canvas[torch.as_tensor(cf, device=canvas.device)] = canvas
+                drawn.classes[cf] = factual[cf]
             v = u_x[cf]
             # x = 1 -> U = p v in (0, p); x = 0 -> U = p + (1 - p) v in [p, 1): the same p gives back
             # x exactly (p v < p in float64 for every v the generator makes, as v <= 1 - 2^-33,
@@ -201,7 +242,7 @@ class ImageSCM:
             below = p * v
             above = (1 - p).mul_(v).add_(p)
             u_x[cf] = torch.where(images > 0, below, above, out=above)
-        return Noise(gumbel, known, u_z, u_x)
+        return Noise(gumbel, known, u_z, u_x, drawn)
 
     def act(self, noise: Noise, do: np.ndarray, is_cf: np.ndarray) -> torch.Tensor:
         """The factors under the action: one run of the factor model per intervention pattern
@@ -223,10 +264,11 @@ class ImageSCM:
             classes[rows] = trace.nodes["_RETURN"]["value"]
         return classes
 
-    def predict(self, classes: torch.Tensor, u_z: torch.Tensor, u_x: torch.Tensor) -> torch.Tensor:
+    def predict(self, classes: torch.Tensor, u_z: torch.Tensor, u_x: torch.Tensor,
+                drawn: Drawn | None = None) -> torch.Tensor:
         """The pixels: one run of the image model over all rows, its noise conditioned; (m, 4096) uint8."""
         run = poutine.condition(self.image_model, data={"U_z": u_z, "U_x": u_x})
-        return run(classes)
+        return run(classes, drawn)
 
     def most_likely_reconstruction(self, images: np.ndarray, classes: np.ndarray,
                                    keys: np.ndarray) -> np.ndarray:

@@ -75,19 +75,20 @@ class MLPDecoder(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """Burgess et al. 2018: four 4x4 stride-2 convs of 32 channels, then 256 -> 256 -> z;
-    the labels join the flattened conv features."""
+    """Burgess et al. 2018: four 4x4 stride-2 convs of 32 channels (`channels`), then
+    256 -> 256 -> z; the labels join the flattened conv features."""
 
-    def __init__(self, z_dim: int, hidden: int = 256, label_dim: int = LABEL_DIM):
+    def __init__(self, z_dim: int, hidden: int = 256, label_dim: int = LABEL_DIM, channels: int = 32):
         super().__init__()
+        c = channels
         self.convs = nn.Sequential(
-            nn.Conv2d(1, 32, 4, 2, 1), relu(),
-            nn.Conv2d(32, 32, 4, 2, 1), relu(),
-            nn.Conv2d(32, 32, 4, 2, 1), relu(),
-            nn.Conv2d(32, 32, 4, 2, 1), relu(),
+            nn.Conv2d(1, c, 4, 2, 1), relu(),
+            nn.Conv2d(c, c, 4, 2, 1), relu(),
+            nn.Conv2d(c, c, 4, 2, 1), relu(),
+            nn.Conv2d(c, c, 4, 2, 1), relu(),
         )
         self.fc = nn.Sequential(
-            nn.Linear(32 * 4 * 4 + label_dim, 256), relu(),
+            nn.Linear(c * 4 * 4 + label_dim, 256), relu(),
             nn.Linear(256, 256), relu(),
         )
         self.loc = nn.Linear(256, z_dim)
@@ -99,12 +100,12 @@ class ConvEncoder(nn.Module):
         return self.loc(h), F.softplus(self.scale(h)) + 1e-4
 
 
-def burgess_fc(in_dim: int, side: int) -> nn.Sequential:
-    """The transposed encoder's dense part: in_dim -> 256 -> 256 -> 32 x side x side."""
+def burgess_fc(in_dim: int, side: int, channels: int = 32) -> nn.Sequential:
+    """The transposed encoder's dense part: in_dim -> 256 -> 256 -> channels x side x side."""
     return nn.Sequential(
         nn.Linear(in_dim, 256), relu(),
         nn.Linear(256, 256), relu(),
-        nn.Linear(256, 32 * side * side), relu(),
+        nn.Linear(256, channels * side * side), relu(),
     )
 
 
@@ -142,24 +143,25 @@ class OneMapTransposedConv(nn.ConvTranspose2d):
         return (out[:, 1:-1, 1:-1] + self.bias).unsqueeze(1)
 
 
-def burgess_upsampler(doublings: int) -> nn.Sequential:
-    """4x4 stride-2 transposed convs of 32 channels, each doubling the side; one output map."""
+def burgess_upsampler(doublings: int, channels: int = 32) -> nn.Sequential:
+    """4x4 stride-2 transposed convs of `channels` channels, each doubling the side; one output map."""
     layers: list[nn.Module] = []
     for _ in range(doublings - 1):
-        layers += [nn.ConvTranspose2d(32, 32, 4, 2, 1), relu()]
-    return nn.Sequential(*layers, OneMapTransposedConv(32))
+        layers += [nn.ConvTranspose2d(channels, channels, 4, 2, 1), relu()]
+    return nn.Sequential(*layers, OneMapTransposedConv(channels))
 
 
 class ConvDecoder(nn.Module):
     """The transpose of ConvEncoder: (z, labels) -> 256 -> 256 -> 32x4x4 -> 64x64 logits."""
 
-    def __init__(self, z_dim: int, hidden: int = 256):
+    def __init__(self, z_dim: int, hidden: int = 256, channels: int = 32):
         super().__init__()
-        self.fc = burgess_fc(z_dim + LABEL_DIM, 4)
-        self.deconvs = burgess_upsampler(4)
+        self.channels = channels
+        self.fc = burgess_fc(z_dim + LABEL_DIM, 4, channels)
+        self.deconvs = burgess_upsampler(4, channels)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = channels_last(self.fc(torch.cat([z, y], dim=1)).view(-1, 32, 4, 4))
+        h = channels_last(self.fc(torch.cat([z, y], dim=1)).view(-1, self.channels, 4, 4))
         return self.deconvs(h).flatten(1)
 
 
@@ -193,18 +195,25 @@ class SpriteDecoder(nn.Module):
     class) and whatever else the data's positions do. `learn_translation=False` freezes
     them at the guess (the comparison in the README; checkpoints of older versions)."""
 
-    def __init__(self, z_dim: int, hidden: int = 256, learn_translation: bool = True):
+    def __init__(self, z_dim: int, hidden: int = 256, learn_translation: bool = True, channels: int = 32):
         super().__init__()
-        self.fc = burgess_fc(z_dim + SHAPE_DIM, 6)
-        self.deconvs = burgess_upsampler(3)  # 6 -> 48
+        self.channels = channels
+        self.fc = burgess_fc(z_dim + SHAPE_DIM, 6, channels)
+        self.deconvs = burgess_upsampler(3, channels)  # 6 -> 48
         self.background = nn.Parameter(torch.tensor(-5.0))
         # Parameters either way (DDP syncs a buffer every step, a frozen parameter once).
         self.move_x = nn.Parameter(translation(FACTOR_SIZES["pos_x"]), learn_translation)
         self.move_y = nn.Parameter(translation(FACTOR_SIZES["pos_y"]), learn_translation)
 
+    CANVAS_FACTORS = ("shape", "scale", "orientation")  # what `draw` reads of the labels
+
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = channels_last(self.fc(torch.cat([z, y[:, :SHAPE_DIM]], dim=1)).view(-1, 32, 6, 6))
-        return self.place(self.deconvs(h).squeeze(1), y)
+        return self.place(self.draw(z, y), y)
+
+    def draw(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, 48, 48) canvas logits of (z, shape, scale, orientation) in the one-hot code y."""
+        h = channels_last(self.fc(torch.cat([z, y[:, :SHAPE_DIM]], dim=1)).view(-1, self.channels, 6, 6))
+        return self.deconvs(h).squeeze(1)
 
     def place(self, canvas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, 48, 48) canvas logits at the positions in the one-hot code y -> (B, 4096)."""
@@ -247,8 +256,8 @@ def label_features(y: torch.Tensor) -> torch.Tensor:
 class WarpEncoder(ConvEncoder):
     """ConvEncoder whose labels enter as `label_features` instead of one-hot codes."""
 
-    def __init__(self, z_dim: int, hidden: int = 256):
-        super().__init__(z_dim, hidden, label_dim=DRAW_DIM + 8)
+    def __init__(self, z_dim: int, hidden: int = 256, channels: int = 32):
+        super().__init__(z_dim, hidden, label_dim=DRAW_DIM + 8, channels=channels)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return super().forward(x, label_features(y))
@@ -265,10 +274,11 @@ class WarpDecoder(nn.Module):
     15.5 + 32/31 * class) and are learned. The canvas holds logits at 1.5 samples per frame
     pixel, so sub-pixel turns and steps move the drawn edge continuously."""
 
-    def __init__(self, z_dim: int, hidden: int = 256):
+    def __init__(self, z_dim: int, hidden: int = 256, channels: int = 32):
         super().__init__()
-        self.fc = burgess_fc(z_dim + DRAW_DIM, 6)
-        self.deconvs = burgess_upsampler(3)  # 6 -> 48
+        self.channels = channels
+        self.fc = burgess_fc(z_dim + DRAW_DIM, 6, channels)
+        self.deconvs = burgess_upsampler(3, channels)  # 6 -> 48
         self.background = nn.Parameter(torch.tensor(-5.0))
         # The geometry, as corrections in units that make one optimiser step small: Adam moves
         # every parameter by about lr a step, and a raw angle step moves class 39 by 39 times that.
@@ -282,9 +292,15 @@ class WarpDecoder(nn.Module):
         centre_y = 15.5 + 1e-2 * g[3] + (32 / 31) * (1 + 1e-3 * g[5]) * pos_y
         return angle, centre_x, centre_y
 
+    CANVAS_FACTORS = ("shape", "scale")  # what `draw` reads of the labels
+
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = channels_last(self.fc(torch.cat([z, y[:, :DRAW_DIM]], dim=1)).view(-1, 32, 6, 6))
-        return self.place(self.deconvs(h).squeeze(1), y)
+        return self.place(self.draw(z, y), y)
+
+    def draw(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, 48, 48) upright canvas logits of (z, shape, scale) in the one-hot code y."""
+        h = channels_last(self.fc(torch.cat([z, y[:, :DRAW_DIM]], dim=1)).view(-1, self.channels, 6, 6))
+        return self.deconvs(h).squeeze(1)
 
     def place(self, canvas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, 48, 48) upright canvas logits, turned and moved per the one-hot code y -> (B, 4096)."""
@@ -316,18 +332,27 @@ ARCHITECTURES = {
 }
 
 
+CHANNELS = 32  # the conv layers' width (Burgess et al.), where a model spec does not say
+
+
 class SupervisedVAE(nn.Module):
+    """`channels`: the width of the conv layers (conv, sprite, warp; the mlp has none);
+    `encoder_channels` the encoder's, when it differs (default: `channels`)."""
+
     def __init__(self, arch: str = "sprite", z_dim: int = 50, hidden: int = 1000,
-                 learn_translation: bool = True):
+                 learn_translation: bool = True, channels: int = CHANNELS, encoder_channels: int | None = None):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
         encoder, decoder = ARCHITECTURES[arch]
         self.arch, self.z_dim, self.hidden = arch, z_dim, hidden
         self.learn_translation = bool(learn_translation)
-        self.encoder = encoder(z_dim, hidden)
+        conv = arch != "mlp"
+        self.channels = channels if conv else CHANNELS
+        self.encoder_channels = (encoder_channels or channels) if conv else CHANNELS
+        self.encoder = encoder(z_dim, hidden, **({"channels": self.encoder_channels} if conv else {}))
         extra = {"learn_translation": self.learn_translation} if arch == "sprite" else {}
-        self.decoder = decoder(z_dim, hidden, **extra)
+        self.decoder = decoder(z_dim, hidden, **extra, **({"channels": self.channels} if conv else {}))
         self.to(memory_format=torch.channels_last)  # conv weights as NHWC (see channels_last)
         self.elbo = Trace_ELBO()
 
@@ -335,7 +360,7 @@ class SupervisedVAE(nn.Module):
     def from_config(cls, model) -> SupervisedVAE:
         """A fresh module for a config's `model` section (cvae.config.ModelConfig)."""
         learn = True if model.learn_translation is None else model.learn_translation
-        return cls(model.arch, model.z_dim, model.hidden, learn)
+        return cls(model.arch, model.z_dim, model.hidden, learn, model.channels, model.encoder_channels)
 
     def model(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """p(z) = N(0, I); p(x | y, z) = Bernoulli(sigmoid(decoder(z, y))) per pixel."""
@@ -363,9 +388,28 @@ class SupervisedVAE(nn.Module):
         """Pixel logits (B, 4096) of p(x | y, z); y as (B, 5) classes."""
         return self.decoder(z, one_hot(y))
 
+    @property
+    def canvas_factors(self) -> tuple[str, ...] | None:
+        """The factors the decoder's canvas depends on (with z), for decoders that draw a
+        canvas and then place it (`draw`, `place`); None for the others."""
+        return getattr(self.decoder, "CANVAS_FACTORS", None)
+
+    def draw(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The decoder's canvas of (z, y), y as (B, 5) classes: `decode` is `place` of it."""
+        return self.decoder.draw(z, one_hot(y))
+
+    def place(self, canvas: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pixel logits (B, 4096) of a canvas placed at the classes y (B, 5)."""
+        return self.decoder.place(canvas, one_hot(y))
+
     def spec(self) -> dict:
         """What rebuilds this module: SupervisedVAE(**spec)."""
         spec = {"arch": self.arch, "z_dim": self.z_dim, "hidden": self.hidden}
         if self.arch == "sprite":
             spec["learn_translation"] = self.learn_translation
+        # Widths are named only when not the default, so older specs stay as they were.
+        if self.channels != CHANNELS:
+            spec["channels"] = self.channels
+        if self.encoder_channels != self.channels:
+            spec["encoder_channels"] = self.encoder_channels
         return spec
