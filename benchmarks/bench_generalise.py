@@ -32,9 +32,9 @@ from cvae.causal.image import ImageSCM
 from cvae.config import load_config
 from cvae.data.grid import FACTOR_SIZES, FACTORS, ModelGrid, classes_to_index, index_to_classes
 from cvae.data.groundtruth import GroundTruth
+from cvae.data.readout import Readout
 from cvae.data.shards import MANIFEST, read_manifest
-from cvae.evaluate.readout import Readout
-from cvae.evaluate.scores import Sums, score
+from cvae.evaluate.metrics import Sums, score
 from cvae.figures import save_image_grid
 from cvae.model.checkpoint import load_meta
 from cvae.model.networks import SupervisedVAE

@@ -40,7 +40,7 @@ Queries: --queries counterfactuals from the test split of the checkpoint's datas
 sources, one random other value of each factor per source: do(shape), do(scale),
 do(orientation), do(pos_x), do(pos_y) in turn). Quality, for both answer sets against the
 true counterfactual image (`GroundTruth.images`): IoU, and the readout of issue 8
-(`Readout.read`, scored with `cvae.evaluate.scores.score` exactly as the evaluation does):
+(`Readout.read`, scored with `cvae.evaluate.metrics.score` exactly as the evaluation does):
 effectiveness (the intervened factor reads back as asked) and preservation (every other
 factor reads back as its factual value). A control row (the factual image returned
 unchanged) shows what no answer at all scores.
@@ -74,8 +74,8 @@ from pyro.optim import SGD
 from cvae.causal.image import ImageSCM
 from cvae.data.grid import FACTOR_SIZES, FACTORS, classes_to_index, index_to_classes
 from cvae.data.images import decode_image
-from cvae.evaluate.readout import Readout
-from cvae.evaluate.scores import Sums, score
+from cvae.data.readout import Readout
+from cvae.evaluate.metrics import Sums, score
 from cvae.model.checkpoint import load_meta, resolve_checkpoint
 from cvae.serve.make_queries import iter_query_tables
 from cvae.serve.queries import answer_queries

@@ -24,7 +24,7 @@ from cvae.causal.image import ImageSCM
 from cvae.data.grid import FACTORS, SHAPE_NAMES
 from cvae.data.groundtruth import GroundTruth
 from cvae.data.images import decode_image
-from cvae.evaluate.readout import Readout
+from cvae.data.readout import Readout
 from cvae.model.checkpoint import resolve_checkpoint
 from cvae.serve.make_queries import make_queries
 from cvae.serve.queries import answer_queries

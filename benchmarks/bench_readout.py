@@ -1,4 +1,4 @@
-"""The nearest-ground-truth readout (`cvae.evaluate.readout`) over the whole grid: answers per second.
+"""The nearest-ground-truth readout (`cvae.data.readout`) over the whole grid: answers per second.
 
     python -m benchmarks.bench_readout [--answers 1024] [--check 32]
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from cvae.data.grid import NUM_IMAGES
 from cvae.data.groundtruth import GroundTruth
-from cvae.evaluate.readout import Readout
+from cvae.data.readout import Readout
 
 
 def _edges(images: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 
 from cvae.causal.image import ImageSCM
 from cvae.data.groundtruth import GroundTruth
-from cvae.evaluate.readout import Readout
+from cvae.data.readout import Readout
 from cvae.model.checkpoint import pretrained_checkpoint
 from cvae.serve.make_queries import make_queries
 from cvae.serve.queries import answer_queries

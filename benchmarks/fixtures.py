@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cvae.causal.factors import FactorSCM
 from cvae.config import Config
 from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, classes_to_index
 from cvae.data.render import RENDERER_VERSION
 from cvae.model.checkpoint import save_checkpoint
+from cvae.model.factors import FactorSCM
 from cvae.model.networks import SupervisedVAE
 
 

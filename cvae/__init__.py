@@ -10,7 +10,7 @@ _API = ("CausalModel", "Value")
 
 def __getattr__(name: str):
     if name in _API:
-        from cvae.serve import api
+        from cvae.serve import api  # torch and Pyro load here, on first use
         return getattr(api, name)
     raise AttributeError(f"module 'cvae' has no attribute {name!r}")
 

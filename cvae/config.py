@@ -15,12 +15,11 @@ from typing import Any
 
 import yaml
 
-from cvae.causal.families import FamilyError, parse_family
-from cvae.data.grid import FACTOR_SIZES, FACTORS
+from cvae import fs
+from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, factor_order
+from cvae.errors import ConfigError, CvaeError
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used, with the offending key or file named."""
+__all__ = ["Config", "ConfigError", "Family", "FamilyError", "load_config", "parse_family"]
 
 
 @dataclass
@@ -166,14 +165,10 @@ class ScmConfig:
                 raise ConfigError(f"{where}.edges[{i}]: must be [parent, child] factor names, got {edge!r}")
             if edge[0] == edge[1] or edge in self.edges[:i]:
                 raise ConfigError(f"{where}.edges[{i}]: {edge!r} is a self-loop or a repeated edge")
-        # The factor graph must be a DAG: peel off factors without remaining parents.
-        remaining = {tuple(e) for e in self.edges}
-        nodes = set(FACTORS)
-        while nodes:
-            roots = {f for f in nodes if not any(c == f and p in nodes for p, c in remaining)}
-            if not roots:
-                raise ConfigError(f"{where}.edges: the factor graph has a cycle through {sorted(nodes)}")
-            nodes -= roots
+        try:  # the factor graph must be a DAG
+            factor_order(self.edges)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.edges: {exc}") from None
         _one_of(self.tables, ("uniform", "fit", "given"), f"{where}.tables")
         if self.tables == "uniform" and self.edges:
             raise ConfigError(f"{where}.tables: 'uniform' has no parents; use 'fit' or 'given' with edges")
@@ -204,13 +199,57 @@ class QueryConfig:
         return dataclasses.asdict(self)
 
 
+# --- condition-versus-intervene families (cvae.evaluate.families asks and scores them)
+
+class FamilyError(CvaeError):
+    """A family spec that cannot be used, with the offending entry named."""
+
+
+@dataclass(frozen=True)
+class Family:
+    target: str
+    factor: str
+    value: int
+
+    @property
+    def label(self) -> str:
+        value = SHAPE_NAMES[self.value] if self.factor == "shape" else str(self.value)
+        return f"{self.target} | {self.factor}={value}"
+
+    def question(self, kind: str) -> str:
+        value = SHAPE_NAMES[self.value] if self.factor == "shape" else str(self.value)
+        on = f"{self.factor}={value}" if kind == "condition" else f"do({self.factor}={value})"
+        return f"P({self.target} | {on})"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "factor": self.factor, "value": self.value}
+
+
+def parse_family(entry, where: str) -> Family:
+    """A family from `{target: <factor>, factor: <factor>, value: <class, or a shape name>}`."""
+    if not isinstance(entry, dict) or set(entry) != {"target", "factor", "value"}:
+        raise FamilyError(f"{where}: expected {{target: <factor>, factor: <factor>, value: <class>}}, "
+                          f"got {entry!r}")
+    target, factor, value = entry["target"], entry["factor"], entry["value"]
+    if target not in FACTORS:
+        raise FamilyError(f"{where}.target: unknown factor {target!r} (factors: {', '.join(FACTORS)})")
+    if factor not in FACTORS or factor == target:
+        raise FamilyError(f"{where}.factor: must be a factor other than the target, got {factor!r}")
+    if factor == "shape" and value in SHAPE_NAMES:
+        value = SHAPE_NAMES.index(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < FACTOR_SIZES[factor]:
+        raise FamilyError(f"{where}.value: must be a {factor} class in [0, {FACTOR_SIZES[factor]})"
+                          + (" or a shape name" if factor == "shape" else "") + f", got {value!r}")
+    return Family(target, factor, value)
+
+
 @dataclass
 class PipelineConfig:
     num_queries: int = 2000  # counterfactual queries generated from the test split
     figures_per_factor: int = 8
     # Condition-versus-intervene families ({target: <factor>, factor: <factor>, value: <class>}),
     # each asked both ways `family_samples` times and scored by total variation against the
-    # generating SCM's exact distributions (cvae.causal.families). Empty: none.
+    # generating SCM's exact distributions (cvae.evaluate.families). Empty: none.
     families: list = field(default_factory=list)
     family_samples: int = 2000
 
@@ -284,8 +323,6 @@ class Config:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     """Read, type-check and validate a YAML config (a path or a URI); `overrides` are dotted keys."""
-    from cvae import fs
-
     if fs.is_uri(path):
         try:
             text = fs.read_bytes(path).decode()

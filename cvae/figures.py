@@ -1,6 +1,7 @@
 """PNG figures people would rather look at than read: image grids and loss curves."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ def _import_pyplot():
         matplotlib.use("Agg")  # no screen on cluster nodes
         import matplotlib.pyplot as plt
         return plt
+    # A font list built in memory is the point here: its "building the font cache" warning is not one.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="cvae-mpl-") as folder:
         os.environ["MPLCONFIGDIR"] = folder
         try:

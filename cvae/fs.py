@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from cvae.errors import CvaeError, OutputLocationError
+
 
 def is_uri(path: str | Path) -> bool:
     """True for 'scheme://...' (file:// included); False for a plain local path."""
@@ -37,7 +39,7 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(str(path))
     except Exception as exc:  # unknown scheme, missing credentials, bad bucket name
-        raise ValueError(f"cannot open {path!r} as a pyarrow filesystem URI: {exc}") from None
+        raise CvaeError(f"cannot open {path!r} as a pyarrow filesystem URI: {exc}") from None
 
 
 def parquet_files(filesystem: pafs.FileSystem, folder: str) -> list[str]:
@@ -67,8 +69,6 @@ def check_writable(path: str | Path) -> None:
     and deletes a probe file in it, then removes the folders it created, so a job that fails
     later leaves nothing behind. Raises OutputLocationError, one line naming the path.
     """
-    from cvae.errors import OutputLocationError
-
     try:
         filesystem, root = resolve(path)
         root = root.rstrip("/") or "/"

@@ -57,17 +57,17 @@ def init_ray(address: str | None = None, **kwargs: Any):
     if not sys.stdout.isatty():  # worker log prefixes without ANSI colour codes in files and pipes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address is not None or os.environ.get("RAY_ADDRESS"):
-        import ray
+        import ray  # here, not at the top: importing cvae.localray stays cheap
 
         return ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in START_ONLY})
     already_imported = "ray" in sys.modules
     secure_local_env()
-    import ray
+    import ray  # after the settings above, which Ray reads when it is imported
 
     if already_imported:
         # Ray read these settings when it was imported: refresh them the way Ray itself
         # does when it turns token auth on (authentication_token_setup._enable_token_auth).
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # (Ray's own, needed only here)
         from ray._raylet import Config
 
         Config.initialize("")

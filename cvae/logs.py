@@ -30,10 +30,38 @@ def configure(level: str = "INFO") -> None:
         logger.setLevel(level)  # (records still reach the root logger: none is set up in a job)
 
 
+def ray_detail() -> bool:
+    """Whether Ray's own INFO lines are wanted: only at --log-level DEBUG. Below that a
+    job shows its own stage lines, its progress and real warnings (Ray's always)."""
+    return logging.getLogger("cvae").isEnabledFor(logging.DEBUG)
+
+
+def ray_train_level() -> str:
+    """The level of Ray Train's own `ray.train` logs (ray.train.LoggingConfig): its INFO
+    lines only at DEBUG."""
+    return "INFO" if ray_detail() else "WARNING"
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's INFO lines (its progress tables when stderr is not a terminal, "execution
+    finished") only at DEBUG, by the level of its `ray.data` logger; call it after Ray Data
+    is imported, which sets that level."""
+    if not ray_detail():
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker process, after `configure`: our records once (Ray Train sets up
+    a console handler on the root logger there, which would print them a second time)."""
+    for name in ("cvae", "jobs"):
+        logging.getLogger(name).propagate = False
+
+
 def add_level_option(parser) -> None:
     """The jobs' `--log-level` option (call `configure(args.log_level)` after parsing)."""
     parser.add_argument("--log-level", default="INFO", choices=LEVELS,
-                        help="messages and progress on stderr (default INFO); results go to stdout")
+                        help="messages and progress on stderr (default INFO; DEBUG adds Ray's own lines); "
+                             "results go to stdout")
 
 
 class _Stderr(logging.StreamHandler):
@@ -62,7 +90,7 @@ class progress:
 
     def __enter__(self) -> progress:
         if sys.stderr.isatty() and self.log.isEnabledFor(logging.INFO):
-            from tqdm import tqdm
+            from tqdm import tqdm  # only for a terminal
 
             self.bar = tqdm(total=self.total, desc=self.what, unit=self.unit, leave=False)
         return self

@@ -2,7 +2,7 @@
 
 Each stage writes under `<out>/`: `data/` (shards), `train/` (checkpoints, metrics,
 figures), `queries/` (the generated counterfactual query set, plus the condition and
-intervene families of `pipeline.families`, cvae.causal.families), `answers/` (results and
+intervene families of `pipeline.families`, cvae.evaluate.families), `answers/` (results and
 errors Parquet), `eval/` (report.json, report.md, figures). `out` may be a local path or a
 URI (file://, s3://, gs://): every stage reads and writes through pyarrow's filesystems,
 and training workers stage their own shards locally.
@@ -75,7 +75,7 @@ def run_pipeline(config: Config, out: str | Path | None = None, force=()) -> dic
     """Run every stage on the Ray given by `config.ray_address` (None: a local Ray started
     in-process), reusing finished stages whose inputs did not change and redoing those named
     in `force` ("all": every stage). Returns a summary naming the files written."""
-    import ray
+    import ray  # each stage's modules load when it runs: a rerun that reuses them stays fast
 
     from cvae.localray import init_ray
 
@@ -104,8 +104,9 @@ def run_pipeline(config: Config, out: str | Path | None = None, force=()) -> dic
 # ----------------------------------------------------------------------------- the stages
 
 def _data(run: _Run) -> tuple[str, str]:
-    from cvae.data.render import RENDERER_VERSION
+    from cvae.data.render import RENDERER_VERSION  # (loaded when the stage runs, as above)
     from cvae.data.shards import MANIFEST, write_dataset
+    from cvae.model.factors import dataset_scm
 
     config, data_dir = run.config, fs.join(run.out, "data")
     run.stage("data")
@@ -114,13 +115,14 @@ def _data(run: _Run) -> tuple[str, str]:
     if not run.reuse("data", data_dir, inputs, MANIFEST):
         with fs.local_output(data_dir) as local, progress(config.data.num_shards, "rendering and writing shards",
                                                           log, unit="shards") as bar:
-            manifest = write_dataset(config, local, progress=lambda done, total, entry: bar.set(done, total))
+            manifest = write_dataset(config, local, progress=lambda done, total, entry: bar.set(done, total),
+                                     factor_scm=dataset_scm(config))
         write_record(data_dir, "data", inputs, {"rows": sum(manifest["counts"].values())})
     return data_dir, fingerprint(inputs)
 
 
 def _train(run: _Run, data_dir: str, data_id: str):
-    from cvae.model.checkpoint import load_meta
+    from cvae.model.checkpoint import load_meta  # torch, when the stage runs
     from cvae.model.coverage import grid_lines
     from cvae.model.networks import CHANNELS
     from cvae.model.train import TrainingResult, run_training
@@ -156,7 +158,7 @@ def _train(run: _Run, data_dir: str, data_id: str):
 
 
 def _queries(run: _Run, data_dir: str, data_id: str, checkpoint_id: dict) -> tuple[str, str]:
-    from cvae.causal.families import parse_family, write_family_queries
+    from cvae.evaluate.families import parse_family, write_family_queries  # when the stage runs
     from cvae.model.checkpoint import load_meta, model_grid
     from cvae.serve.make_queries import make_queries
 
@@ -187,7 +189,7 @@ def _queries(run: _Run, data_dir: str, data_id: str, checkpoint_id: dict) -> tup
 
 
 def _answers(run: _Run, queries_dir: str, queries_id: str, checkpoint_id: dict) -> tuple[str, dict]:
-    from cvae.serve.engine import SUCCESS, run_query_job
+    from cvae.serve.engine import SUCCESS, run_query_job  # torch and Ray, when the stage runs
 
     config, folder = run.config, fs.join(run.out, "answers")
     run.stage("answers")
@@ -205,7 +207,7 @@ def _answers(run: _Run, queries_dir: str, queries_id: str, checkpoint_id: dict) 
 
 def _evaluate(run: _Run, data_dir: str, queries_dir: str, answers_dir: str, answers_id: str,
               checkpoint_id: dict) -> dict:
-    from cvae.evaluate.scores import evaluate
+    from cvae.evaluate.scores import evaluate  # torch, when the stage runs
 
     config, folder = run.config, fs.join(run.out, "eval")
     run.stage("evaluate")
@@ -224,9 +226,9 @@ def _evaluate(run: _Run, data_dir: str, queries_dir: str, answers_dir: str, answ
 
 def _summary(run: _Run, training, data_dir: str, queries_dir: str, answers_dir: str, answers: dict,
              report: dict, started: float) -> dict:
-    from cvae.data.shards import MANIFEST
-    from cvae.evaluate.scores import headline
-    from cvae.serve.engine import SUCCESS
+    from cvae.data.shards import MANIFEST  # (loaded when the summary is written, as the stages)
+    from cvae.evaluate.report import headline
+    from cvae.serve.commit import SUCCESS
 
     eval_dir = fs.join(run.out, "eval")
     return {

@@ -22,10 +22,13 @@ import sys
 import time
 
 from cvae import fs
-from cvae.evaluate.scores import EvaluationError, evaluate, headline
+from cvae.evaluate.report import headline
+from cvae.evaluate.scores import evaluate
 from cvae.logs import add_level_option, configure
+from jobs import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,15 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--figures-per-factor, --reversibility-samples and --composition-samples "
                      "must be >= 0, --max-samples >= 1")
     start = time.perf_counter()
-    try:
-        fs.check_writable(args.out)  # an unwritable --out fails now, before any work
-        report = evaluate(args.results, args.checkpoint, args.out, queries=args.queries,
-                          data_dir=args.data, figures_per_factor=args.figures_per_factor,
-                          reversibility_samples=args.reversibility_samples, max_samples=args.max_samples,
-                          composition_samples=args.composition_samples)
-    except (EvaluationError, FileNotFoundError, ValueError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    fs.check_writable(args.out)  # an unwritable --out fails now, before any work
+    report = evaluate(args.results, args.checkpoint, args.out, queries=args.queries,
+                      data_dir=args.data, figures_per_factor=args.figures_per_factor,
+                      reversibility_samples=args.reversibility_samples, max_samples=args.max_samples,
+                      composition_samples=args.composition_samples)
     print(f"evaluate: {report['rows']} counterfactuals in {time.perf_counter() - start:.1f} s")
     for line in headline(report):
         print(f"evaluate: {line}")

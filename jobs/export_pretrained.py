@@ -4,7 +4,7 @@
     python -m jobs.export_pretrained --run runs/pretrained         # writes cvae/pretrained/
 
 Writes model.pt (the best checkpoint's weights), checkpoint.json (with provenance and the
-evaluation), MODEL_CARD.md and SHA256SUMS; see cvae/model/pretrained.py.
+evaluation), MODEL_CARD.md and SHA256SUMS; see cvae/export.py.
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import argparse
 import sys
 
 from cvae.logs import add_level_option, configure
+from jobs import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.export_pretrained", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,15 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.log_level)
 
-    from cvae.model.checkpoint import PRETRAINED_DIR, CheckpointError
-    from cvae.model.pretrained import export
+    from cvae.export import export  # torch, after the arguments' check
+    from cvae.model.checkpoint import PRETRAINED_DIR
 
     out = args.out or PRETRAINED_DIR
-    try:
-        meta = export(args.run, out)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    meta = export(args.run, out)
     o = meta["evaluation"]["overall"] or {}
     print(f"wrote the pretrained model to {out}: epoch {meta['epoch']}, "
           f"{meta['provenance']['training_seconds'] / 60:.1f} min of training; "

@@ -12,7 +12,7 @@ Example specs are in configs/bulk/. With --checkpoint (a checkpoint, a run folde
 grid are skipped and counted (without it, split sources stay on the dataset's grid).
 
 --out and --data may be local paths or pyarrow-filesystem URIs (file://, s3://, gs://).
-The spec format is documented in cvae/serve/make_queries.py and docs/bulk.md.
+The spec format is documented in cvae/serve/spec.py and docs/bulk.md.
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ import argparse
 import sys
 
 from cvae import fs
-from cvae.errors import OutputLocationError
 from cvae.logs import add_level_option, configure
-from cvae.serve.make_queries import SpecError, load_spec, make_queries
+from cvae.serve.make_queries import make_queries
+from cvae.serve.spec import load_spec
+from jobs import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.make_queries", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,18 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     add_level_option(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)
-    try:
-        spec = load_spec(args.spec)
-        fs.check_writable(args.out)  # an unwritable --out fails now, before any work
-        grid = None
-        if args.checkpoint:
-            from cvae.model.checkpoint import load_meta, model_grid, resolve_checkpoint
+    spec = load_spec(args.spec)
+    fs.check_writable(args.out)  # an unwritable --out fails now, before any work
+    grid = None
+    if args.checkpoint:
+        from cvae.model.checkpoint import load_meta, model_grid, resolve_checkpoint  # torch, only for a checkpoint
 
-            grid = model_grid(load_meta(resolve_checkpoint(args.checkpoint)))
-        summary = make_queries(spec, args.out, data_dir=args.data, grid=grid)
-    except (SpecError, OutputLocationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        grid = model_grid(load_meta(resolve_checkpoint(args.checkpoint)))
+    summary = make_queries(spec, args.out, data_dir=args.data, grid=grid)
     print(f"wrote {summary['num_queries']:,} queries from {summary['num_sources']:,} sources "
           f"in {len(summary['files'])} file(s) to {args.out}")
     for factor, count in sorted(summary["queries_by_factor"].items()):

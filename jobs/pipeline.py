@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cvae.config import ConfigError, load_config
-from cvae.errors import DataError, OutputLocationError
+from cvae.config import load_config
 from cvae.logs import add_level_option, configure
-from cvae.model.checkpoint import CheckpointError
+from jobs import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,14 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     add_level_option(parser)
     args = parser.parse_args(argv)
     configure(args.log_level)
-    try:
-        config = load_config(args.config)
-        from cvae.pipeline import run_pipeline
+    config = load_config(args.config)
+    from cvae.pipeline import run_pipeline  # after the config's check: the stages import torch and Ray
 
-        summary = run_pipeline(config, args.out, force=args.force)
-    except (ConfigError, CheckpointError, DataError, OutputLocationError, FileNotFoundError) as exc:
-        print(f"pipeline: error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_pipeline(config, args.out, force=args.force)
     print("\n== summary " + "=" * 50)
     print(f"finished in {summary['seconds']:.0f} s "
           f"({', '.join(f'{k.split()[-1]} {v:.0f} s' for k, v in summary['stage_seconds'].items())})")
@@ -48,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                            if best.get(f"{split}_loss") is not None)
         print(f"best checkpoint: epoch {best['epoch']} (by {best['best_by'].replace('_', ' ')}), "
               f"{losses} nats/image")
-    for line in summary.get("headline") or []:  # the evaluation's own headline (cvae.evaluate.scores.headline)
+    for line in summary.get("headline") or []:  # the evaluation's own headline (cvae.evaluate.report.headline)
         print(f"counterfactuals vs ground truth: {line}")
     print("files written:")
     for name, path in summary["files"].items():

@@ -33,8 +33,10 @@ import argparse
 import sys
 
 from cvae.logs import add_level_option, configure
+from jobs import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,37 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_level)
 
     from cvae import fs
-    from cvae.errors import OutputLocationError
 
-    try:  # first, and before the heavy imports: an unwritable --out fails within a second
-        fs.check_writable(args.out)
-    except OutputLocationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    fs.check_writable(args.out)  # first, before the heavy imports: an unwritable --out fails within a second
+    from cvae.config import Config, load_config
 
-    from cvae.causal.factors import ScmError
-    from cvae.config import Config, ConfigError, load_config
-    from cvae.model.checkpoint import CheckpointError
-    from cvae.serve.queries import QuerySchemaError
+    config = load_config(args.config) if args.config else Config()
+    query = config.query
+    for flag in ("actors", "batch_size", "gpus_per_actor", "cpus_per_actor"):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(query, flag, value)
+    query.validate("flags")
+    from cvae.serve.engine import run_query_job  # torch and Ray, after every flag is checked
 
-    try:
-        config = load_config(args.config) if args.config else Config()
-        query = config.query
-        for flag, key in (("actors", "actors"), ("batch_size", "batch_size"), ("gpus_per_actor", "gpus_per_actor"),
-                          ("cpus_per_actor", "cpus_per_actor")):
-            value = getattr(args, flag)
-            if value is not None:
-                setattr(query, key, value)
-        query.validate("flags")
-        from cvae.serve.engine import run_query_job
-
-        summary = run_query_job(args.checkpoint, args.queries, args.out, **query.job_settings(),
-                                ray_address=args.address or config.ray_address, num_cpus=config.num_cpus,
-                                overwrite=args.overwrite, verify=args.verify, keep=args.keep,
-                                command=" ".join(["python -m jobs.query", *(sys.argv[1:] if argv is None else argv)]))
-    except (QuerySchemaError, CheckpointError, OutputLocationError, ConfigError, ScmError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = run_query_job(args.checkpoint, args.queries, args.out, **query.job_settings(),
+                            ray_address=args.address or config.ray_address, num_cpus=config.num_cpus,
+                            overwrite=args.overwrite, verify=args.verify, keep=args.keep,
+                            command=" ".join(["python -m jobs.query", *(sys.argv[1:] if argv is None else argv)]))
     for line in summary_lines(summary, args.out):
         print(line)
     return 0

@@ -14,12 +14,13 @@ import argparse
 import sys
 
 from cvae import fs
-from cvae.config import ConfigError, load_config
-from cvae.errors import DataError, OutputLocationError
+from cvae.config import load_config
+from cvae.errors import ConfigError
 from cvae.logs import add_level_option, configure
-from cvae.model.checkpoint import CheckpointError
+from jobs import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,31 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.log_level)
 
+    config = load_config(args.config)
+    # Strings, not Paths: Path("s3://bucket/x") is "s3:/bucket/x".
+    data = args.data or fs.join(config.out, "data")
+    out = args.out or fs.join(config.out, "train")
+    manifest = fs.join(data, "manifest.json")
     try:
-        config = load_config(args.config)
-        # Strings, not Paths: Path("s3://bucket/x") is "s3:/bucket/x".
-        data = args.data or fs.join(config.out, "data")
-        out = args.out or fs.join(config.out, "train")
-        manifest = fs.join(data, "manifest.json")
-        try:
-            found = fs.exists(manifest)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"no dataset at {data}: cannot read {manifest}: {exc}") from None
-        if not found:
-            raise ConfigError(f"no dataset at {data}: {manifest} is missing "
-                              f"(write one with python -m jobs.prepare_data)")
-        fs.check_writable(out)  # an unwritable --out fails now, before Ray starts
-        from cvae.model.train import run_training
+        found = fs.exists(manifest)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"no dataset at {data}: cannot read {manifest}: {exc}") from None
+    if not found:
+        raise ConfigError(f"no dataset at {data}: {manifest} is missing "
+                          f"(write one with python -m jobs.prepare_data)")
+    fs.check_writable(out)  # an unwritable --out fails now, before Ray starts
+    from ray.train import TrainingFailedError  # torch and Ray, after every input is checked
 
+    from cvae.model.train import run_training
+
+    try:
         result = run_training(config, data, out, run_name=args.run_name)
-    except (ConfigError, CheckpointError, DataError, OutputLocationError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from ray.train import TrainingFailedError
-
-        if not isinstance(exc, TrainingFailedError):
-            raise
+    except TrainingFailedError as exc:
         # Workers failed more often than train.max_failures allows; their tracebacks
         # are in the message and in the Ray logs.
         print(f"error: training failed: {exc}", file=sys.stderr)

@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cvae.causal.factors import FactorSCM
 from cvae.config import Config
 from cvae.data.grid import FACTOR_SIZES
 from cvae.data.render import RENDERER_VERSION
 from cvae.model.checkpoint import save_checkpoint
+from cvae.model.factors import FactorSCM
 from cvae.model.networks import SupervisedVAE
 from cvae.serve.queries import QUERY_SCHEMA
 

@@ -10,8 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cvae.causal.factors import FactorSCM, ScmError
-from cvae.causal.families import (
+from cvae.causal.image import ImageSCM
+from cvae.config import ConfigError, ScmConfig, load_config
+from cvae.data.grid import FACTORS, SHAPE_NAMES, classes_to_index
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import decode_image
+from cvae.data.readout import Readout
+from cvae.data.render import RENDERER_VERSION
+from cvae.evaluate.families import (
     FAMILY_KINDS,
     FamilyError,
     FamilyTally,
@@ -21,15 +27,9 @@ from cvae.causal.families import (
     tv_table,
     write_family_queries,
 )
-from cvae.causal.image import ImageSCM
-from cvae.config import ConfigError, ScmConfig, load_config
-from cvae.data.grid import FACTORS, SHAPE_NAMES, classes_to_index
-from cvae.data.groundtruth import GroundTruth
-from cvae.data.images import decode_image
-from cvae.data.render import RENDERER_VERSION
-from cvae.evaluate.readout import Readout
 from cvae.evaluate.scores import evaluate
 from cvae.model.checkpoint import load_meta, save_checkpoint
+from cvae.model.factors import FactorSCM, ScmError
 from cvae.serve.engine import read_output, run_query_job
 from cvae.serve.make_queries import make_queries
 from cvae.serve.queries import answer_queries, check_schema

@@ -96,11 +96,11 @@ def test_the_measured_images_are_off_the_training_grid_in_one_factor_only():
 
 
 def test_the_report_scores_counterfactuals_at_unseen_classes_apart():
-    from cvae.evaluate.scores import _parts
+    from cvae.evaluate.metrics import row_parts
 
     factual = np.array([[0, 1, 8, 4, 6], [0, 1, 8, 4, 6], [0, 1, 8, 4, 6]])
     cf = np.array([[2, 1, 8, 4, 6], [0, 1, 13, 4, 6], [0, 1, 8, 5, 6]])  # on, orientation 13, pos_x 5
-    parts = _parts(cf, factual, [], TRAINED)
+    parts = row_parts(cf, factual, [], TRAINED)
     assert parts["unseen"].tolist() == [False, True, True]
     assert parts["trained"].tolist() == [True, False, False]
-    assert "unseen" not in _parts(cf, factual, [], None)
+    assert "unseen" not in row_parts(cf, factual, [], None)

@@ -14,17 +14,10 @@ import pytest
 from cvae.causal.image import ImageSCM
 from cvae.data.grid import FACTORS, classes_to_index, index_to_classes
 from cvae.data.groundtruth import GroundTruth
-from cvae.data.images import decode_image, encode_pngs
-from cvae.evaluate.scores import (
-    STRATA,
-    EvaluationError,
-    _figure_label,
-    descendants,
-    evaluate,
-    iou,
-    pixel_error,
-    stratified,
-)
+from cvae.data.images import decode_image, encode_pngs, iou, pixel_error
+from cvae.evaluate.metrics import descendants
+from cvae.evaluate.report import STRATA, stratified
+from cvae.evaluate.scores import EvaluationError, _figure_label, evaluate
 from cvae.model.checkpoint import load_meta, save_checkpoint
 from cvae.rng import seed_from_query_id
 from cvae.serve.make_queries import make_queries

@@ -15,9 +15,9 @@ import cvae.model.checkpoint as ckpt
 from cvae import CausalModel
 from cvae.data.grid import FACTOR_SIZES, FACTORS, classes_to_index, index_to_classes
 from cvae.data.groundtruth import GroundTruth
-from cvae.evaluate.readout import Readout
+from cvae.data.readout import Readout
+from cvae.export import MAX_BYTES
 from cvae.model.checkpoint import CheckpointError, load_meta, model_grid, pretrained_checkpoint
-from cvae.model.pretrained import MAX_BYTES
 from cvae.serve.engine import read_output, run_query_job
 from cvae.serve.queries import QUERY_SCHEMA
 

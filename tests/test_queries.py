@@ -5,11 +5,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cvae.causal.factors import FactorSCM
 from cvae.causal.image import ImageSCM
 from cvae.data.grid import FACTORS, index_to_classes
 from cvae.data.groundtruth import GroundTruth
 from cvae.data.images import encode_png
+from cvae.model.factors import FactorSCM
 from cvae.serve.queries import QUERY_SCHEMA, QuerySchemaError, answer_queries
 from scm_fixtures import tiny_vae
 

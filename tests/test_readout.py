@@ -8,7 +8,7 @@ import pytest
 
 from cvae.data.grid import FACTORS, NUM_IMAGES, classes_to_index, index_to_classes
 from cvae.data.groundtruth import GroundTruth
-from cvae.evaluate.readout import Readout, _block_any, _block_counts, _pack
+from cvae.data.readout import Readout, _block_any, _block_counts, _pack
 
 
 def _blobs(n: int, seed: int) -> np.ndarray:

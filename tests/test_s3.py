@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from cvae import fs as cfs
-from cvae.serve import engine
+from cvae.serve import commit, engine
 from cvae.serve.engine import SUCCESS, read_output
 from cvae.serve.lease import LEASE, _pid_namespace
 from cvae.serve.queries import ERROR_SCHEMA, QUERY_SCHEMA, RESULT_SCHEMA
@@ -269,7 +269,7 @@ def test_a_job_killed_mid_commit_then_rerun_leaves_every_row_once(bucket, tmp_pa
     sink = engine.AtomicParquetSink(out, run_id="killed")
     sink.on_write_start()
     returns = [sink.write([answers.slice(k, 15)], None) for k in (0, 15, 30)]
-    real_move, moved = engine._move_file, []
+    real_move, moved = commit._move_file, []
 
     def move_then_die(filesystem, src, dst):
         real_move(filesystem, src, dst)
@@ -277,10 +277,10 @@ def test_a_job_killed_mid_commit_then_rerun_leaves_every_row_once(bucket, tmp_pa
         if "/results/" in dst:
             raise Killed(dst)
 
-    monkeypatch.setattr(engine, "_move_file", move_then_die)
+    monkeypatch.setattr(commit, "_move_file", move_then_die)
     with pytest.raises(Killed):
         sink.on_write_complete(types.SimpleNamespace(write_returns=returns))
-    monkeypatch.setattr(engine, "_move_file", real_move)
+    monkeypatch.setattr(commit, "_move_file", real_move)
     files = listing(out)
     assert [f for f in files if f.startswith("results/")] == [moved[-1].split("/answers/", 1)[1]]
     staged = sum(name.startswith("results/") for r in returns for name, *_ in r)

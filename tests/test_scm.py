@@ -6,11 +6,11 @@ import pytest
 import torch
 from pyro import poutine
 
-from cvae.causal.factors import FactorSCM, ScmError
 from cvae.causal.image import ImageSCM, StandardGumbel
 from cvae.config import ScmConfig
 from cvae.data.grid import FACTORS, classes_to_index, grid_indices, index_to_classes
 from cvae.data.groundtruth import GroundTruth
+from cvae.model.factors import FactorSCM, ScmError
 from cvae.rng import row_keys, uniforms
 from cvae.serve.queries import answer_queries
 from scm_fixtures import CAUSAL_EDGES, causal_scm, causal_tables, tiny_vae

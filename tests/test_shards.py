@@ -25,6 +25,7 @@ from cvae.data.shards import (
     write_dataset,
 )
 from cvae.errors import DataError
+from cvae.model.factors import dataset_scm
 from jobs.prepare_data import main as prepare_data
 
 TINY = "configs/tiny.yaml"
@@ -417,7 +418,7 @@ def test_scm_generator_samples_the_causal_factors(tmp_path):
         "data.generator": "scm", "data.scm_samples": 3000, "data.holdout": [],
         "scm.edges": [list(e) for e in CAUSAL_EDGES], "scm.tables": "given",
         "scm.given": {f: t.tolist() for f, t in causal_tables().items()}})
-    manifest = write_dataset(config, tmp_path / "scm")
+    manifest = write_dataset(config, tmp_path / "scm", factor_scm=dataset_scm(config))
     assert manifest["generator"] == "scm" and manifest["scm"]["tables"] == "given"
     assert sum(manifest["counts"].values()) == 3000
     rows = {s: load_split(tmp_path / "scm", s) for s in ("train", "test")}
@@ -428,8 +429,8 @@ def test_scm_generator_samples_the_causal_factors(tmp_path):
     truth = GroundTruth.from_manifest(manifest)
     np.testing.assert_array_equal(truth.images(rows["test"]["index"]), rows["test"]["imgs"])
     config.scm.tables, config.scm.given = "fit", {}
-    with pytest.raises(ConfigError, match="config.scm"):
-        write_dataset(config, tmp_path / "fit")
+    with pytest.raises(ConfigError, match="config.scm"):  # tables counted from data it has not drawn yet
+        write_dataset(config, tmp_path / "fit", factor_scm=dataset_scm(config))
 
 
 def test_datasets_of_an_older_renderer_are_refused_by_name(tmp_path):

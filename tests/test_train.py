@@ -13,7 +13,8 @@ from cvae.data.reader import load_split
 from cvae.data.shards import split_shards, write_dataset
 from cvae.model.checkpoint import load_checkpoint, load_meta, load_optimizer_state
 from cvae.model.networks import SupervisedVAE
-from cvae.model.train import learning_rate, reconstruct, run_training
+from cvae.model.run import reconstruct
+from cvae.model.train import learning_rate, run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -49,11 +50,13 @@ def check_checkpoint(path: str, epoch: int) -> SupervisedVAE:
     return model
 
 
-def test_long_epochs_show_progress_inside_the_epoch(tiny_data, tmp_path, monkeypatch, capfd):
+def test_long_epochs_show_progress_inside_the_epoch(tiny_data, tmp_path, monkeypatch, caplog):
+    """Progress is logged (stderr in a job), never printed to stdout, which keeps the results."""
     from cvae.model import train as train_module
     monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # a line after every step
+    caplog.set_level("INFO", logger="cvae")
     run_training(tiny_config(num_workers=0, epochs=1, max_steps_per_epoch=4), tiny_data, tmp_path, run_name="p")
-    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("epoch 1/1: ")]
+    lines = [line for line in caplog.messages if line.startswith("epoch 1/1: ")]
     assert [line.split(" steps)")[0].split("(")[1] for line in lines] == [f"{k} of 4" for k in (1, 2, 3, 4)]
     assert lines[-1].startswith("epoch 1/1: 100% (4 of 4 steps), train ") and "nats/image so far" in lines[-1]
 

@@ -27,7 +27,7 @@ HEART = [2, 3, 13, 10, 20]  # shape, scale, orientation, pos_x, pos_y
 
 @pytest.fixture(scope="module")
 def verifier():
-    from cvae.evaluate.readout import Readout
+    from cvae.data.readout import Readout
 
     return Verifier(Readout.of(GroundTruth("render")))
 

@@ -1,3 +1,2 @@
-"""Stage 3, the causal model: the factor SCM (pure numpy, no I/O), the image SCM that
-joins it to a trained VAE and answers conditioning, intervention and counterfactual
-queries, and the query families that measure conditioning against intervening."""
+"""Stage 3, the causal model: the image SCM that joins the factor SCM (cvae.model.factors) to a
+trained VAE and answers conditioning, intervention and counterfactual queries (image)."""

@@ -2,7 +2,7 @@
 
 Exogenous noise: `U_z ~ N(0, I)` and `U_x ~ Uniform` per pixel. Mechanisms: `z = U_z`,
 `x_i = 1[U_x,i < p_i]` with `p = sigmoid(decoder(z, factors))`. `ImageSCM` joins a
-`FactorSCM` (cvae.causal.factors) to a trained VAE as one batched Pyro model
+`FactorSCM` (cvae.model.factors) to a trained VAE as one batched Pyro model
 (`ImageSCM.model`) and answers the three query kinds with `poutine.condition` and
 `poutine.do` on it; a counterfactual is the three steps of Pearl's recipe: abduction of
 every noise from the factual row, the action on the factor model, prediction.
@@ -23,9 +23,11 @@ import torch
 from pyro import poutine
 from torch.distributions import constraints
 
-from cvae.causal.factors import FactorSCM, ScmError
 from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, ModelGrid
+from cvae.data.groundtruth import GroundTruth
 from cvae.malloc import keep_freed_memory
+from cvae.model.checkpoint import load_checkpoint, model_grid
+from cvae.model.factors import FactorSCM, ScmError
 from cvae.rng import STREAM_PIXELS, STREAM_POSTERIOR, STREAM_Z, uniforms
 
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -87,16 +89,12 @@ class ImageSCM:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device | None = None) -> ImageSCM:
         """Load the VAE and the SCM recorded in the checkpoint's meta ("scm", "config", "manifest")."""
-        from cvae.model.checkpoint import load_checkpoint, model_grid
-
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae, meta = load_checkpoint(directory, device=dev)
         factors = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
         abduct_z = (meta.get("config") or {}).get("scm", {}).get("abduct_z", "mean")
         ground_truth = None
         if meta.get("manifest"):
-            from cvae.data.groundtruth import GroundTruth
-
             ground_truth = GroundTruth.from_manifest(meta["manifest"])
         return cls(vae, factors, abduct_z=abduct_z, ground_truth=ground_truth, device=dev,
                    grid=model_grid(meta))

@@ -71,6 +71,26 @@ def values_to_classes(values: np.ndarray) -> np.ndarray:
     ).astype(np.int64)
 
 
+def strided_classes(factor: str, strides: dict | None = None) -> np.ndarray:
+    """The classes of `factor` a strided grid keeps: every k-th, k = strides[factor] (all
+    of them when the factor is not named)."""
+    return np.arange(0, FACTOR_SIZES[factor], int((strides or {}).get(factor, 1)), dtype=np.int64)
+
+
+def factor_order(edges) -> list[str]:
+    """FACTORS in causal order, each after its parents (`edges`: (parent, child) factor
+    names), ties in FACTORS' order. Edges with a cycle are a ValueError naming the factors
+    that cannot be placed. The config's check and the factor SCM's sampling order alike."""
+    parents = {f: {p for p, c in edges if c == f} for f in FACTORS}
+    order: list[str] = []
+    while len(order) < len(FACTORS):
+        ready = [f for f in FACTORS if f not in order and parents[f] <= set(order)]
+        if not ready:
+            raise ValueError(f"the factor graph has a cycle through {sorted(set(FACTORS) - set(order))}")
+        order.append(ready[0])
+    return order
+
+
 def factor_classes(strides: dict[str, int] | None = None) -> np.ndarray:
     """All (n, 5) factor-class rows of the grid, in official order, optionally thinned.
 
@@ -81,7 +101,7 @@ def factor_classes(strides: dict[str, int] | None = None) -> np.ndarray:
     unknown = set(strides) - set(FACTORS)
     if unknown:
         raise ValueError(f"unknown factor(s) in strides: {sorted(unknown)}")
-    axes = [np.arange(0, FACTOR_SIZES[f], int(strides.get(f, 1))) for f in FACTORS]
+    axes = [strided_classes(f, strides) for f in FACTORS]
     mesh = np.meshgrid(*axes, indexing="ij")
     return np.stack([m.ravel() for m in mesh], axis=1).astype(np.int64)
 
@@ -147,7 +167,7 @@ class ModelGrid:
             rows = rows[~rule_mask(rows, manifest.get("holdout") or [])]
             grid = cls({f: rows[:, i] for i, f in enumerate(FACTORS)})
         for f in FACTORS:
-            strided = np.arange(0, FACTOR_SIZES[f], strides.get(f, 1))
+            strided = strided_classes(f, strides)
             reasons = [f"data.strides.{f}: {strides[f]}"] if strides.get(f, 1) > 1 else []
             if len(np.setdiff1d(strided, grid.classes[f])):
                 reasons.append("data.holdout" if manifest.get("holdout") else "absent from the training split")

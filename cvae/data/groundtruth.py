@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from cvae.data.grid import NUM_IMAGES, index_to_classes
+from cvae.data.official import load_official
 from cvae.data.render import RENDERER_VERSION, render
 from cvae.errors import DataError
 
@@ -39,8 +40,6 @@ class GroundTruth:
         raise DataError(f"manifest: unknown generator {generator!r}")
 
     def _load(self) -> None:
-        from cvae.data.official import load_official
-
         official = load_official(self.official_path)
         index = official.index
         self._rows = np.argsort(index, kind="stable")

@@ -22,7 +22,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cvae.config import Config, ConfigError
 from cvae.data.grid import (
     FACTORS,
     IMAGE_SIZE,
@@ -33,8 +32,9 @@ from cvae.data.grid import (
     factor_classes,
     rule_mask,
 )
+from cvae.data.official import load_official
 from cvae.data.render import RENDERER_VERSION, check_classes, render
-from cvae.errors import DataError
+from cvae.errors import ConfigError, DataError
 
 __all__ = ["DataError", "write_dataset", "read_manifest", "verify_dataset", "split_shards",
            "open_shard", "shard_name", "holdout_mask", "split_rows", "MANIFEST", "SPLITS"]
@@ -131,15 +131,15 @@ def _strided(classes: np.ndarray, strides: dict) -> np.ndarray:
     return keep
 
 
-def generate(config: Config) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def generate(config, factor_scm=None) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(n, 5) factor classes of the dataset's rows, their images when they come from a
-    file (None: rendered on the fly), and the manifest's record of where they came from."""
+    file (None: rendered on the fly), and the manifest's record of where they came from.
+    `config` is the run's cvae.config.Config (its `data`, `seed` and `scm`); `factor_scm`
+    the FactorSCM that generator 'scm' samples from (cvae.model.factors.dataset_scm)."""
     data = config.data
     if data.generator == "render":
         return factor_classes(data.strides), None, {"official_path": None}
     if data.generator == "import":
-        from cvae.data.official import load_official
-
         official = load_official(data.official_path)
         keep = _strided(official.classes[:, 1:], data.strides)
         imgs = official.imgs if keep.all() else official.imgs[keep]  # no 3 GB copy of the full file
@@ -148,13 +148,10 @@ def generate(config: Config) -> tuple[np.ndarray, np.ndarray | None, dict]:
     if data.generator == "scm":
         if data.scm_samples <= 0:
             raise ConfigError("config.data.scm_samples: must be > 0 when data.generator is 'scm'")
-        from cvae.causal.factors import FactorSCM  # another module's; only needed for this generator
-
-        try:
-            scm = FactorSCM.from_config(config.scm)
-        except ValueError as exc:  # e.g. tables 'fit' has no data to count from here
-            raise ConfigError(f"config.scm: cannot sample a dataset from it: {exc}") from None
-        classes = scm.sample(data.scm_samples, config.seed)
+        if factor_scm is None:
+            raise ConfigError("config.data.generator: 'scm' samples from a factor SCM: pass "
+                              "factor_scm=cvae.model.factors.dataset_scm(config)")
+        classes = factor_scm.sample(data.scm_samples, config.seed)
         return check_classes(classes), None, {"official_path": None,
                                               "scm": dataclasses.asdict(config.scm)}
     raise ConfigError(f"config.data.generator: unknown generator {data.generator!r}")
@@ -209,16 +206,18 @@ def write_shard(path: str | Path, classes: np.ndarray, imgs: np.ndarray | None =
     return entry
 
 
-def write_dataset(config: Config, out_dir: str | Path,
-                  progress: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Generate the dataset `config.data` describes into `out_dir`; returns the manifest.
+def write_dataset(config, out_dir: str | Path, progress: Callable[[int, int, dict], None] | None = None,
+                  factor_scm=None) -> dict:
+    """Generate the dataset `config.data` describes into `out_dir` (`config`: a
+    cvae.config.Config); returns the manifest. `factor_scm` is the FactorSCM that
+    data.generator 'scm' samples from (cvae.model.factors.dataset_scm(config) builds it).
 
     `progress(done, total, entry)` is called after each shard.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = config.data
-    classes, imgs, origin = generate(config)
+    classes, imgs, origin = generate(config, factor_scm)
     if len(classes) == 0:
         raise DataError(f"the {data.generator} generator produced no rows (check data.strides)")
     rows = split_rows(classes, data.test_fraction, data.holdout, config.seed,
@@ -239,6 +238,25 @@ def write_dataset(config: Config, out_dir: str | Path,
         if progress:
             progress(len(entries), total, entries[-1])
 
+    manifest = _manifest(config, classes, rows, origin, entries)
+    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    _fsync_replace(tmp, out_dir / MANIFEST)
+    # Shards and temp files of an earlier or interrupted run are not part of this dataset.
+    named = {e["file"] for e in entries}
+    for path in out_dir.iterdir():
+        if (_SHARD_RE.match(path.name) and path.name not in named) or (
+                path.name.startswith(".shard-") and ".tmp-" in path.name):
+            path.unlink(missing_ok=True)
+    return manifest
+
+
+# --- reading and checking --------------------------------------------------------------
+
+def _manifest(config, classes: np.ndarray, rows: dict[str, np.ndarray], origin: dict, entries: list[dict]) -> dict:
+    """The dataset's manifest (docs/contracts.md): where its rows came from, its grid and
+    splits, the classes its training split holds, and every shard with its checksum."""
+    data = config.data
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -258,22 +276,11 @@ def write_dataset(config: Config, out_dir: str | Path,
         "train_classes": {f: np.unique(classes[rows["train"], i]).tolist() for i, f in enumerate(FACTORS)},
         "compression": data.compression,
         "chunk_rows": data.chunk_rows,
-        "num_shards": total,
+        "num_shards": len(entries),
         "shards": entries,
     }
-    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    _fsync_replace(tmp, out_dir / MANIFEST)
-    # Shards and temp files of an earlier or interrupted run are not part of this dataset.
-    named = {e["file"] for e in entries}
-    for path in out_dir.iterdir():
-        if (_SHARD_RE.match(path.name) and path.name not in named) or (
-                path.name.startswith(".shard-") and ".tmp-" in path.name):
-            path.unlink(missing_ok=True)
     return manifest
 
-
-# --- reading and checking --------------------------------------------------------------
 
 def read_manifest(data_dir: str | Path) -> dict:
     """The dataset's manifest, checked for the fields readers rely on."""

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from cvae.data.grid import FACTORS
 from cvae.data.images import decode_image, iou
+from cvae.serve.queries import answer_queries
 from cvae.serve.schema import QUERY_SCHEMA
 
 
@@ -43,8 +44,6 @@ def official_queries(frames: np.ndarray, labels: np.ndarray, pairs: list[tuple[i
 def score_official(scm, frames: np.ndarray, labels: np.ndarray) -> dict:
     """Answer every one-factor pair and score each answer against the official target frame:
     IoU and exact frames, overall and per intervened factor; refused rows are counted."""
-    from cvae.serve.queries import answer_queries
-
     pairs = one_factor_pairs(labels)
     results, errors = answer_queries(scm, official_queries(frames, labels, pairs))
     answers = {q: decode_image(png) for q, png in zip(results.column("query_id").to_pylist(),
@@ -71,8 +70,7 @@ def score_official(scm, frames: np.ndarray, labels: np.ndarray) -> dict:
 def save_official_figure(scm, frames: np.ndarray, labels: np.ndarray, path, per_factor: int = 2):
     """A PNG of `per_factor` pairs per intervened factor (spread over the pairs): the official
     source frame, the model's counterfactual, and the official target frame, one column each."""
-    from cvae.figures import save_image_grid
-    from cvae.serve.queries import answer_queries
+    from cvae.figures import save_image_grid  # matplotlib only when a figure is drawn
 
     pairs = one_factor_pairs(labels)
     shown = []

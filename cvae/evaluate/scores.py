@@ -5,7 +5,7 @@ dSprites holds every factor combination, so each counterfactual result row has a
 image: the image of the row's own factor columns (the counterfactual world the factor SCM
 computed with the abducted noise; under the default SCM, the factual factors with the
 intervened ones replaced). Every answer image is also read back to all five factors by
-`cvae.evaluate.readout` (the nearest ground-truth image over the whole grid by IoU; pixel-identical
+`cvae.data.readout` (the nearest ground-truth image over the whole grid by IoU; pixel-identical
 classes count as one answer, any other tie and an empty image read back nothing). Per
 intervened factor (and joint intervention) and overall:
 
@@ -55,128 +55,29 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cvae import fs
-from cvae.causal.families import FamilyTally, read_families, tv_table
-from cvae.causal.families import markdown_table as family_markdown
-from cvae.causal.families import save_figure as save_family_figure
-from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, ModelGrid, classes_to_index, index_to_classes
-from cvae.data.images import decode_image, encode_pngs, flatten, iou, pixel_error  # noqa: F401 (iou, pixel_error: the scores)
+from cvae.causal.image import ImageSCM
+from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES, ModelGrid, classes_to_index
+from cvae.data.groundtruth import GroundTruth
+from cvae.data.images import decode_image, flatten, pixel_error
+from cvae.data.readout import Readout
+from cvae.data.shards import MANIFEST, read_manifest
+from cvae.errors import CvaeError
+from cvae.evaluate.checks import model_composition, reversal_queries, reversibility
+from cvae.evaluate.families import FamilyTally, read_families, tv_table
+from cvae.evaluate.families import save_figure as save_family_figure
+from cvae.evaluate.metrics import add_to_groups, descendants, group_names, int_columns, row_parts, score
+from cvae.evaluate.report import make_report, markdown, save_figures
+from cvae.model.checkpoint import load_meta, resolve_checkpoint
+from cvae.model.factors import FactorSCM
 from cvae.rng import hash_parts, row_keys, seed_from_query_id
+from cvae.serve.commit import SUCCESS
 
 BATCH_ROWS = 2048
-CONTROLS = ("factual", "blank", "random")  # answer sets that know nothing, beside the model's
-COMPOSITION_STEPS = (1, 5, 10)  # encode-decode repetitions reported for the model's composition
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CvaeError):
     """Inputs that cannot be evaluated: missing files, or results that match no queries."""
 
-
-# ----------------------------------------------------------------------------- metrics
-
-def descendants(edges: list) -> np.ndarray:
-    """(5, 5) bool: [j, k] when FACTORS[k] is a descendant of FACTORS[j] in the DAG `edges`."""
-    reach = np.zeros((len(FACTORS), len(FACTORS)), dtype=bool)
-    for parent, child in edges:
-        reach[FACTORS.index(parent), FACTORS.index(child)] = True
-    for _ in FACTORS:  # transitive closure: paths are at most 4 edges long
-        reach |= (reach.astype(int) @ reach.astype(int)) > 0
-    return reach
-
-
-@dataclass
-class Scores:
-    """Per-row scores of one answer set against n result rows."""
-    iou: np.ndarray  # (n,) against the true counterfactual
-    pixel_error: np.ndarray
-    exact: np.ndarray
-    effect: np.ndarray  # (n, 5) bool, the asked value read back (False where not intervened)
-    preserve: np.ndarray  # (n, 5) bool, the factual value read back (False where not preserved)
-    follow: np.ndarray  # (n, 5) bool, a descendant reads back as its true counterfactual value
-    read_nothing: np.ndarray  # (n,) bool
-
-
-def score(answer: np.ndarray, true_cf: np.ndarray, do: np.ndarray, factual: np.ndarray,
-          preserved: np.ndarray, readback, downstream: np.ndarray | None = None,
-          cf_classes: np.ndarray | None = None) -> Scores:
-    """Scores of (n, 64, 64) answers; `preserved` (n, 5) bool marks the factors that must keep
-    their factual value, `downstream` (n, 5) bool the descendants of an intervened factor,
-    which must read back as their true counterfactual classes `cf_classes` (n, 5);
-    `readback` is the answers' `cvae.evaluate.readout.ReadBack`."""
-    flat, want = flatten(answer), flatten(true_cf)
-    if downstream is None:
-        downstream, cf_classes = np.zeros_like(preserved), factual
-    return Scores(iou=iou(answer, true_cf), pixel_error=pixel_error(answer, true_cf),
-                  exact=(flat == want).all(1), effect=readback.hits(do),
-                  preserve=readback.hits(np.where(preserved, factual, -1)),
-                  follow=readback.hits(np.where(downstream, cf_classes, -1)),
-                  read_nothing=~readback.reads.any((1, 2)))
-
-
-@dataclass
-class Sums:
-    """Running sums of one group's metrics."""
-    count: int = 0
-    iou: float = 0.0
-    pixel_error: float = 0.0
-    exact: int = 0
-    effective: int = 0
-    preserved: int = 0
-    preserve_rows: int = 0  # rows with at least one factor to preserve
-    read_nothing: int = 0
-    effect_by_factor: dict = field(default_factory=dict)  # factor -> [hits, tries]
-    preserve_by_factor: dict = field(default_factory=dict)
-    followed: int = 0
-    follow_rows: int = 0  # rows with at least one descendant of an intervened factor
-    follow_by_factor: dict = field(default_factory=dict)
-    rev_count: int = 0
-    rev_exact: int = 0
-    rev_iou: float = 0.0
-
-    def add(self, s: Scores, mask: np.ndarray, do: np.ndarray, preserved: np.ndarray,
-            downstream: np.ndarray) -> None:
-        self.count += int(mask.sum())
-        self.iou += float(s.iou[mask].sum())
-        self.pixel_error += float(s.pixel_error[mask].sum())
-        self.exact += int(s.exact[mask].sum())
-        asked, kept = do[mask] >= 0, preserved[mask]
-        self.effective += int((s.effect[mask] | ~asked).all(1).sum())
-        self.preserved += int(((s.preserve[mask] | ~kept).all(1) & kept.any(1)).sum())
-        self.preserve_rows += int(kept.any(1).sum())
-        self.read_nothing += int(s.read_nothing[mask].sum())
-        below = downstream[mask]
-        self.followed += int(((s.follow[mask] | ~below).all(1) & below.any(1)).sum())
-        self.follow_rows += int(below.any(1).sum())
-        for j, f in enumerate(FACTORS):
-            for table, hit, tried in ((self.effect_by_factor, s.effect[mask, j], asked[:, j]),
-                                      (self.preserve_by_factor, s.preserve[mask, j], kept[:, j]),
-                                      (self.follow_by_factor, s.follow[mask, j], below[:, j])):
-                if tried.any():
-                    h = table.setdefault(f, [0, 0])
-                    h[0] += int(hit[tried].sum())
-                    h[1] += int(tried.sum())
-
-    def summary(self) -> dict:
-        def mean(total, n):
-            return None if n == 0 else round(float(total) / n, 6)
-
-        def by_factor(table):
-            return {f: mean(*table[f]) for f in FACTORS if f in table}
-
-        return {
-            "count": self.count,
-            "iou": mean(self.iou, self.count),
-            "pixel_error": mean(self.pixel_error, self.count),
-            "exact": mean(self.exact, self.count),
-            "effectiveness": mean(self.effective, self.count),
-            "effectiveness_by_factor": by_factor(self.effect_by_factor),
-            "preservation": mean(self.preserved, self.preserve_rows),
-            "preservation_by_factor": by_factor(self.preserve_by_factor),
-            "descendants": mean(self.followed, self.follow_rows),
-            "descendants_by_factor": by_factor(self.follow_by_factor),
-            "read_nothing": mean(self.read_nothing, self.count),
-            "reversibility": {"count": self.rev_count, "exact": mean(self.rev_exact, self.rev_count),
-                              "iou": mean(self.rev_iou, self.rev_count)},
-        }
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -191,8 +92,6 @@ def _parquet_files(folder: Path) -> list[Path]:
 
 def _results_files(results: Path) -> list[Path]:
     """The engine's output folder (results/ beside errors/ and _SUCCESS.json) or a bare folder."""
-    from cvae.serve.engine import SUCCESS
-
     if (results / "results").is_dir():
         if not (results / SUCCESS).is_file():
             raise EvaluationError(f"{results}: the query run did not commit ({SUCCESS} missing)")
@@ -242,10 +141,6 @@ def _batches(files: list[Path], interventions: pa.Table) -> Iterator[pa.Table]:
                 yield joined.sort_by("_row")
 
 
-def _ints(table: pa.Table, names: list[str]) -> np.ndarray:
-    return np.stack([pc.fill_null(table[n], -1).to_numpy() for n in names], axis=1).astype(np.int64)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @dataclass
@@ -277,12 +172,6 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
     report.json, report.md and figures/*.png under `out_dir` (paths or URIs) and returns
     the report. `checkpoint` may be a training run folder: its best checkpoint is used
     (cvae.model.checkpoint.resolve_checkpoint)."""
-    from cvae.causal.factors import FactorSCM
-    from cvae.causal.image import ImageSCM
-    from cvae.data.groundtruth import GroundTruth
-    from cvae.evaluate.readout import Readout
-    from cvae.model.checkpoint import load_meta, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(checkpoint)
     with fs.staged(results) as results_local, fs.staged(queries) as queries_local, \
             fs.staged(checkpoint) as ckpt_local, fs.local_output(out_dir) as out_local:
@@ -311,17 +200,17 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
         if seen_rows and unmatched == seen_rows:
             raise EvaluationError(f"{results}: no result row matches a query_id of {queries}")
         refused = {"count": 0, "example": None}
-        _reversibility(scm, state.rev_pool, truth, state.holdout, state.groups, max_samples, refused)
-        model_composition = _model_composition(scm, truth, state.composition_pool, composition_samples)
+        reversibility(scm, state.rev_pool, truth, state.holdout, state.groups, max_samples, refused)
+        composition = model_composition(scm, truth, state.composition_pool, composition_samples)
 
-        report = _report(state, seen_rows, unmatched, results, checkpoint, queries)
-        report["composition"]["model"] = model_composition
+        report = make_report(state, seen_rows, unmatched, results, checkpoint, queries)
+        report["composition"]["model"] = composition
         if asked is not None:
             report["families"] = _family_table(files, asked, readout, world)
             save_family_figure(out_local / "figures" / "families.png", report["families"])
         report["readout"]["build_seconds"] = round(build_seconds, 1)
         report["reversal_queries_refused"] = refused
-        report["figures"] = _save_figures(out_local, state.figures, figures_per_factor)
+        report["figures"] = save_figures(out_local, state.figures, figures_per_factor)
         if asked is not None:
             report["figures"].append("figures/families.png")
         fs.write_text_atomic(out_local / "report.md", markdown(report))
@@ -333,8 +222,6 @@ def _manifest(meta: dict, data_dir, checkpoint) -> dict:
     """The data manifest: the dataset's own when `data_dir` is given, else the checkpoint's copy."""
     manifest = meta.get("manifest")
     if data_dir is not None:
-        from cvae.data.shards import MANIFEST, read_manifest
-
         with fs.staged(data_dir, only=[MANIFEST]) as data_local:
             manifest = read_manifest(data_local)
     if not manifest:
@@ -353,55 +240,14 @@ def _family_table(files: list[Path], asked: tuple, readout, world) -> list[dict]
         if not batch.num_rows:
             continue
         table = pa.Table.from_batches([batch])
-        classes = _ints(table, list(FACTORS))
+        classes = int_columns(table, list(FACTORS))
         images = np.stack([decode_image(b) for b in table["image"].to_pylist()])
         tally.add(table["query_id"].to_pylist(), classes, readout.read(images, classes_to_index(classes)[:, None]))
     return tv_table(tally, world)
 
 
-def _group_names(do: np.ndarray) -> np.ndarray:
-    """'shape', or 'scale+shape'-style names (factor order) for joint interventions."""
-    names = np.full(len(do), "", dtype=object)
-    for j, f in enumerate(FACTORS):
-        on = do[:, j] >= 0
-        names[on] = np.where(names[on] == "", f, names[on] + "+" + f)
-    return names
-
-
-def _parts(classes_cf: np.ndarray, factual: np.ndarray, holdout: list, trained=None) -> dict[str, np.ndarray]:
-    """The row subsets each group is also scored on: all rows; held-out combinations and the
-    rest; counterfactuals with a class the training split lacks ("unseen": a model that
-    answers more than its training grid, cvae.model.coverage) and the rest ("trained"); and
-    each scale of the true counterfactual image ("scale=k": small shapes are where a model
-    misses most, so the report breaks quality down by the scale it had to draw)."""
-    from cvae.data.shards import holdout_mask
-
-    parts = {"all": np.ones(len(classes_cf), dtype=bool)}
-    if trained is not None:
-        unseen = trained.off(classes_cf).any(1) | trained.off(factual).any(1)
-        parts.update({"unseen": unseen, "trained": ~unseen})
-    if holdout:
-        held = holdout_mask(classes_cf, holdout) | holdout_mask(factual, holdout)
-        parts.update({"holdout": held, "seen": ~held})
-    scale = classes_cf[:, FACTORS.index("scale")]
-    parts.update({f"scale={k}": scale == k for k in range(FACTOR_SIZES["scale"])})
-    return parts
-
-
-def _add(groups: dict, answers: str, names: np.ndarray, parts: dict, fn) -> None:
-    """Call fn(sums, mask) for every (group, part), for ('overall', part) over the intervened
-    rows and for ('null', part) over the null rows (named 'null:<factor>')."""
-    null = np.array([n.startswith("null:") for n in names], dtype=bool)
-    for part, pmask in parts.items():
-        masks = [("overall", pmask & ~null), ("null", pmask & null)]
-        masks += [(name, pmask & (names == name)) for name in sorted(set(names[pmask]))]
-        for name, mask in masks:
-            if mask.any():
-                fn(groups.setdefault((answers, name, part), Sums()), mask)
-
-
 def _evaluate_batch(table: pa.Table, st: _State) -> int:
-    do = _ints(table, [f"do_{f}" for f in FACTORS])
+    do = int_columns(table, [f"do_{f}" for f in FACTORS])
     # A row without a matching query (or a query without any do) cannot be grouped: skip it.
     keep = (do >= 0).any(1)
     unmatched = int((~keep).sum())
@@ -409,23 +255,23 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
         return unmatched
     table, do = table.filter(pa.array(keep)), do[keep]
     n = table.num_rows
-    factual = _ints(table, [f"factual_{f}" for f in FACTORS])
+    factual = int_columns(table, [f"factual_{f}" for f in FACTORS])
     samples = table["sample"].to_numpy()
     query_ids = table["query_id"].to_pylist()
     # The true counterfactual world: the generating SCM run on the factual's abducted noise,
     # drawn with the row keys the answer's own noise came from (the query's seed, else its
     # id's hash; cvae.serve.queries). Under independent factors: the factual with the do applied.
     cf = _true_world(st.world, table, factual, do)
-    own = _ints(table, list(FACTORS))  # the world the model's SCM answered in
+    own = int_columns(table, list(FACTORS))  # the world the model's SCM answered in
     st.agree[0] += n
     st.agree[1] += int((own == cf).all(1).sum())
     answer = np.stack([decode_image(b) for b in table["image"].to_pylist()])
     at_cf, at_factual = classes_to_index(cf), classes_to_index(factual)
     true_cf, true_factual = st.truth.images(at_cf), st.truth.images(at_factual)
     null = ((do < 0) | (do == factual)).all(1)
-    names = _group_names(do)
+    names = group_names(do)
     names[null] = ["null:" + name for name in names[null]]
-    parts = _parts(cf, factual, st.holdout, st.trained)
+    parts = row_parts(cf, factual, st.holdout, st.trained)
     intervened = do >= 0
     below = (intervened.astype(int) @ st.reach.astype(int)) > 0
     preserved, downstream = ~intervened & ~below, ~intervened & below
@@ -444,23 +290,27 @@ def _evaluate_batch(table: pa.Table, st: _State) -> int:
         counter[0] += n
         counter[1] += time.perf_counter() - started
         scores = score(images, true_cf, do, factual, preserved, readback, downstream, cf)
-        _add(st.groups, name, names, parts if name == "model" else {"all": np.ones(n, dtype=bool)},
-             lambda s, mask: s.add(scores, mask, do, preserved, downstream))  # noqa: B023 (called at once)
+        add_to_groups(st.groups, name, names, parts if name == "model" else {"all": np.ones(n, dtype=bool)},
+                      lambda s, mask: s.add(scores, mask, do, preserved, downstream))  # noqa: B023 (called at once)
     _composition(st, null, answer, true_factual, at_factual)
     if st.figures_per_factor:
         _keep_figures(st, ~null & (samples == 0), names, factual, do, keys,
                       (true_factual, answer, true_cf))
+    _keep_reversals(st, table, np.flatnonzero(~null), names, (own, factual, do), answer)
+    return unmatched
 
-    # Reversibility sample: per group, the rows with the smallest hash of (query_id, sample),
-    # a seeded uniform sample that does not depend on file or row order.
-    rows = np.flatnonzero(~null)
+
+def _keep_reversals(st: _State, table: pa.Table, rows: np.ndarray, names: np.ndarray, classes: tuple,
+                    answer: np.ndarray) -> None:
+    """The reversibility sample: per group, the rows with the smallest hash of (query_id,
+    sample), a seeded uniform sample that does not depend on file or row order. `classes`:
+    the rows' own (answered), factual and do classes."""
     if st.rev_limit and len(rows):
-        fresh = _reversal_queries(table, rows, own, factual, do, answer)
+        fresh = reversal_queries(table, rows, *classes, answer)
         for name in set(names[rows]):
             mine = fresh.filter(pc.equal(fresh["_group"], name))
             pool = pa.concat_tables([st.rev_pool[name], mine]) if name in st.rev_pool else mine
             st.rev_pool[name] = pool.sort_by("_key").slice(0, st.rev_limit)
-    return unmatched
 
 
 def _true_world(world, table: pa.Table, factual: np.ndarray, do: np.ndarray) -> np.ndarray:
@@ -521,313 +371,4 @@ def _figure_label(factual: np.ndarray, do: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def _model_composition(scm, truth, pool: dict, limit: int) -> dict:
-    """The factual image encoded and decoded at its factual classes (most likely pixels),
-    k = 1, 5, 10 times: IoU and exact share against the factual image."""
-    chosen = sorted(pool.items(), key=lambda kv: kv[1])[:limit]
-    out = {"count": len(chosen), "iou": {}, "exact": {}}
-    if not chosen:
-        return out
-    indices = np.array([i for i, _ in chosen], dtype=np.int64)
-    keys = row_keys(np.array([k for _, k in chosen], dtype=np.uint64), np.zeros(len(chosen), np.int64))
-    classes = index_to_classes(indices, with_color=False)
-    factual = truth.images(indices)
-    image = factual
-    for k in range(1, max(COMPOSITION_STEPS) + 1):
-        image = scm.most_likely_reconstruction(image, classes, keys)
-        if k in COMPOSITION_STEPS:
-            same = (flatten(image) == flatten(factual)).all(1)
-            out["iou"][str(k)] = round(float(iou(image, factual).mean()), 6)
-            out["exact"][str(k)] = round(float(same.mean()), 6)
-    return out
 
-
-def _reversal_queries(table: pa.Table, rows: np.ndarray, cf: np.ndarray, factual: np.ndarray,
-                      do: np.ndarray, answer: np.ndarray) -> pa.Table:
-    """Counterfactual queries that observe the answer (at the row's own classes `cf`) and do
-    the factual values back: of the intervened factors, and of every factor the intervention
-    moved (descendants in a causal world), as Monteiro et al. restore all the parents."""
-    back = np.where((do[rows] >= 0) | (cf[rows] != factual[rows]), factual[rows], -1)
-    ids = [f"reverse:{q}:{s}" for q, s in zip(table["query_id"].to_numpy(zero_copy_only=False)[rows],
-                                              table["sample"].to_numpy()[rows])]
-    cols = {"query_id": pa.array(ids, pa.string()),
-            "kind": pa.array(["counterfactual"] * len(rows), pa.string()),
-            "image": pa.array(encode_pngs(answer[rows]), pa.binary())}
-    for j, f in enumerate(FACTORS):
-        cols[f] = pa.array(cf[rows, j])
-    for j, f in enumerate(FACTORS):
-        cols[f"do_{f}"] = pa.array(back[:, j], mask=back[:, j] < 0)
-    for j, f in enumerate(FACTORS):  # carried for scoring, dropped before answering
-        cols[f"_factual_{f}"] = pa.array(factual[rows, j])
-    cols["_group"] = pa.array(_group_names(do[rows]).tolist(), pa.string())
-    cols["_key"] = pa.array([seed_from_query_id(i) for i in ids], pa.uint64())
-    return pa.table(cols)
-
-
-def _reversibility(scm, pool: dict, truth, holdout: list, groups: dict, max_samples: int,
-                   refused: dict) -> None:
-    from cvae.serve.queries import answer_queries
-
-    if not pool:
-        return
-    table = pa.concat_tables([pool[name] for name in sorted(pool)])
-    hidden = [c for c in table.column_names if c.startswith("_")]
-    results, errors = answer_queries(scm, table.drop_columns(hidden), max_samples=max_samples)
-    if errors.num_rows:  # e.g. a counterfactual world the factor SCM gives probability zero
-        refused["count"] += errors.num_rows
-        refused["example"] = errors["error"][0].as_py()
-    if not results.num_rows:
-        return
-    order = {q: i for i, q in enumerate(table["query_id"].to_pylist())}
-    at = np.array([order[q] for q in results["query_id"].to_pylist()])
-    back = np.stack([decode_image(b) for b in results["image"].to_pylist()])
-    factual = _ints(table, [f"_factual_{f}" for f in FACTORS])[at]
-    want = truth.images(classes_to_index(factual))
-    row_iou = iou(back, want)
-    row_exact = (flatten(back) == flatten(want)).all(1)
-    names = np.array(table["_group"].to_pylist(), dtype=object)[at]
-    cf = _ints(table, list(FACTORS))[at]
-
-    def accumulate(s: Sums, mask: np.ndarray) -> None:
-        s.rev_count += int(mask.sum())
-        s.rev_exact += int(row_exact[mask].sum())
-        s.rev_iou += float(row_iou[mask].sum())
-
-    _add(groups, "model", names, _parts(cf, factual, holdout), accumulate)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def _group_order(name: str) -> tuple:
-    return name.count("+"), FACTORS.index(name.split("+")[0])
-
-
-def _section(groups: dict, answers: str, part: str) -> dict:
-    """{"overall", "by_factor", "null": {"overall", "by_factor"}} of one answer set and part."""
-    def get(name):
-        return groups[(answers, name, part)].summary() if (answers, name, part) in groups else None
-
-    names = sorted({g for a, g, p in groups if a == answers and p == part and g not in ("overall", "null")
-                    and not g.startswith("null:")}, key=_group_order)
-    nulls = sorted({g[5:] for a, g, p in groups if a == answers and p == part and g.startswith("null:")},
-                   key=_group_order)
-    return {"overall": get("overall"), "by_factor": {g: get(g) for g in names},
-            "null": {"overall": get("null"), "by_factor": {g: get("null:" + g) for g in nulls}}}
-
-
-def _report(st: _State, rows: int, unmatched: int, results, checkpoint, queries) -> dict:
-    def speed(name):
-        n, seconds = st.read.get(name, [0, 0.0])
-        return {"answers": n, "seconds": round(seconds, 2),
-                "per_second": round(n / seconds, 1) if seconds > 0 else None}
-
-    model = _section(st.groups, "model", "all")
-    count, exact, error = st.null
-    report = {
-        "results": str(results), "checkpoint": str(checkpoint), "queries": str(queries),
-        "rows": rows, "rows_without_intervention": unmatched,
-        "readout": {"candidates": int(len(st.readout.indices)), "distinct_images": st.readout.distinct_images,
-                    "speed": {name: speed(name) for name in ("model",) + CONTROLS}},
-        "overall": model["overall"], "by_factor": model["by_factor"], "null": model["null"],
-        "composition": {"null_intervention": {"count": count,
-                                              "exact": None if not count else round(exact / count, 6),
-                                              "pixel_error": None if not count else round(error / count, 6)}},
-        "controls": {name: _section(st.groups, name, "all") for name in CONTROLS},
-        "holdout_rules": st.holdout,
-        "world": {"edges": [list(e) for e in st.world.edges],
-                  "classes_agree": None if not st.agree[0] else round(st.agree[1] / st.agree[0], 6)},
-    }
-    if st.holdout:
-        report["holdout"] = {part: _section(st.groups, "model", part) for part in ("holdout", "seen")}
-    if st.trained is not None:
-        report["training_grid"] = {"classes": st.trained.to_dict()["classes"],
-                                   **{part: _section(st.groups, "model", part) for part in ("unseen", "trained")}}
-    report["by_scale"] = {str(k): _section(st.groups, "model", f"scale={k}")["overall"]
-                          for k in range(FACTOR_SIZES["scale"])}
-    return report
-
-
-# Strata (factual shape, scale) in an order whose first six cover every shape and every scale.
-STRATA = [(j % 3, (j + j // 6) % 6) for j in range(18)]
-
-
-def stratified(strata: dict, count: int) -> list:
-    """`count` items from {(shape, scale): [items, best first]}, round-robin over the strata
-    in STRATA order: the first of every stratum before any second one."""
-    shown = []
-    for rank in range(count):
-        shown += [strata[s][rank] for s in STRATA if s in strata and len(strata[s]) > rank]
-    return shown[:count]
-
-
-def _save_figures(out: Path, figures: dict, per_figure: int) -> list[str]:
-    """One grid per intervened group: columns drawn round-robin over the (shape, scale)
-    strata of their factual images, rows factual | answer | ground truth."""
-    from cvae.figures import save_image_grid
-
-    written = []
-    for name in sorted(figures, key=_group_order):
-        shown = stratified(figures[name], per_figure)
-        if not shown:
-            continue
-        path = out / "figures" / f"counterfactuals_{name.replace('+', '_')}.png"
-        save_image_grid(path, [np.stack([images[k] for _, images, _ in shown]) for k in range(3)],
-                        row_labels=["factual", "answer", "ground truth"],
-                        col_labels=[label for *_, label in shown],
-                        title=f"do({name}): sources stratified over shape x scale")
-        written.append(str(path.relative_to(out)))
-    return written
-
-
-def headline(report: dict) -> list[str]:
-    """The report's headline numbers, one line each (printed by jobs.evaluate and jobs.pipeline)."""
-    lines = []
-    o = report.get("overall")
-    if o:
-        lines.append(f"{o['count']} intervened: IoU {_fmt(o['iou'])}, effectiveness {_fmt(o['effectiveness'])}, "
-                     f"preservation {_fmt(o['preservation'])}, "
-                     f"reversibility exact {_fmt(o['reversibility']['exact'])}")
-    null = (report.get("null") or {}).get("overall")
-    if null:
-        lines.append(f"{null['count']} null interventions: exact {_fmt(null['exact'])}, "
-                     f"effectiveness {_fmt(null['effectiveness'])}, preservation {_fmt(null['preservation'])}")
-    own = report["composition"].get("model") or {}
-    if own.get("count"):
-        lines.append("model composition (encode-decode, IoU with the factual image): "
-                     + ", ".join(f"k={k} {_fmt(v)}" for k, v in own["iou"].items()))
-    families = [r for r in report.get("families") or [] if r["tv_images"] is not None]
-    if families:
-        worst = max(families, key=lambda r: r["tv_images"])
-        lines.append(f"condition/intervene families: TV of read-back answers max {_fmt(worst['tv_images'])} "
-                     f"({worst['question']}), mean {_fmt(float(np.mean([r['tv_images'] for r in families])))}"
-                     f" over {len(families)} questions (goal <= 0.05)")
-    parts = []
-    for name, section in report["controls"].items():
-        c = section["overall"] or {}
-        parts.append(f"{name} {_fmt(c.get('effectiveness'))} / {_fmt(c.get('preservation'))}")
-    lines.append("controls (effectiveness / preservation): " + ", ".join(parts))
-    return lines
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _table(section: dict, null_label: str = "null: do({}) = factual") -> list[str]:
-    lines = ["| intervened | rows | IoU | pixel error | exact | effectiveness | preservation | descendants | "
-             "read nothing | reversibility (n, exact, IoU) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = {**section["by_factor"], "**overall**": section["overall"]}
-    rows.update({null_label.format(g): s for g, s in section["null"]["by_factor"].items()})
-    for name, s in rows.items():
-        if s is None:
-            continue
-        r = s["reversibility"]
-        lines.append(f"| {name} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
-                     f"{_fmt(s['exact'])} | {_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
-                     f"{_fmt(s['descendants'])} | "
-                     f"{_fmt(s['read_nothing'])} | {r['count']}, {_fmt(r['exact'])}, {_fmt(r['iou'])} |")
-    return lines
-
-
-def markdown(report: dict) -> str:
-    """The report as markdown tables: per group, per factor, composition, controls, holdout."""
-    model = {"overall": report["overall"], "by_factor": report["by_factor"], "null": report["null"]}
-    readout = report["readout"]
-    out = ["# Counterfactual evaluation", "",
-           f"{report['rows']} counterfactual result rows from `{report['results']}`, "
-           f"checkpoint `{report['checkpoint']}`. Each answer is read back to all five factors as "
-           f"its nearest ground-truth image by IoU, among {readout['candidates']} ground-truth images "
-           f"({readout['distinct_images']} distinct). Null interventions are rows of their own, "
-           "outside **overall**.", ""]
-    world = report.get("world") or {}
-    if world.get("edges"):
-        out += [f"The data's factors come from an SCM with edges "
-                f"{', '.join(f'{p} -> {c}' for p, c in world['edges'])}. The true counterfactual of a "
-                "descendant of an intervened factor is that SCM run on the factual's abducted noise "
-                "(the same noise draw the answer used); **descendants** is the share of rows whose "
-                "every such descendant reads back as that value, and preservation covers the other "
-                f"factors only. Result rows whose own classes are that world: "
-                f"{_fmt(world.get('classes_agree'))}.", ""]
-    out += _table(model)
-
-    o = report["overall"] or {}
-    random = report["controls"]["random"]["overall"] or {}
-    out += ["", "## Read back per factor (intervened rows)", "",
-            "| factor | effectiveness | preservation | random control: effectiveness | preservation |",
-            "| --- | ---: | ---: | ---: | ---: |"]
-    for f in FACTORS:
-        out.append(f"| {f} | {_fmt(o.get('effectiveness_by_factor', {}).get(f))} | "
-                   f"{_fmt(o.get('preservation_by_factor', {}).get(f))} | "
-                   f"{_fmt(random.get('effectiveness_by_factor', {}).get(f))} | "
-                   f"{_fmt(random.get('preservation_by_factor', {}).get(f))} |")
-
-    out += _md_by_scale(report) + _md_composition(report) + _md_controls(report, model)
-    if report.get("families"):
-        out += ["", "## Conditioning versus intervening", "",
-                "Each question asked `samples` times through the query job; the answer images read "
-                "back give the answered distribution of the target, compared by total variation with "
-                "the generating SCM's exact one (**TV images**; goal <= 0.05). **TV classes**: the "
-                "result rows' own classes (the exact factor sampler). **TV condition vs do**: between "
-                "the two exact truths, how different the two questions are. **Sampling floor**: the "
-                "mean TV of that many exact draws.", ""] + family_markdown(report["families"])
-    if "holdout" in report:
-        for part, title in (("holdout", "Rows touching held-out combinations"),
-                            ("seen", "Rows on seen combinations")):
-            out += ["", f"## {title}", ""] + _table(report["holdout"][part])
-    if "training_grid" in report:
-        for part, title in (("unseen", "Counterfactuals with a class the training split lacks"),
-                            ("trained", "Counterfactuals on the training grid")):
-            if report["training_grid"][part]["overall"] or report["training_grid"][part]["null"]["overall"]:
-                out += ["", f"## {title}", ""] + _table(report["training_grid"][part])
-    if report["figures"]:
-        out += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
-    return "\n".join(out) + "\n"
-
-
-def _md_by_scale(report: dict) -> list[str]:
-    """Intervened rows by the scale class of the true counterfactual image."""
-    rows = {k: s for k, s in (report.get("by_scale") or {}).items() if s}
-    if not rows:
-        return []
-    out = ["", "## By scale of the counterfactual image (intervened rows)", "",
-           "| scale | rows | IoU | effectiveness | preservation | " + " | ".join(
-               f"{f} eff. / pres." for f in FACTORS) + " |",
-           "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(FACTORS)]
-    for k, s in rows.items():
-        cells = [f"{_fmt(s['effectiveness_by_factor'].get(f))} / {_fmt(s['preservation_by_factor'].get(f))}"
-                 for f in FACTORS]
-        out.append(f"| {k} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['effectiveness'])} | "
-                   f"{_fmt(s['preservation'])} | " + " | ".join(cells) + " |")
-    return out
-
-
-def _md_composition(report: dict) -> list[str]:
-    null, own = report["composition"]["null_intervention"], report["composition"].get("model") or {}
-    out = ["", "## Composition", "",
-            "The SCM's null intervention (a correctness check, exact by construction): "
-            f"{null['count']} rows, exact {_fmt(null['exact'])}, pixel error {_fmt(null['pixel_error'], 4)}.", "",
-            f"The model's own, on {own.get('count', 0)} factual images: encoded and decoded at the "
-            "factual classes with the most likely pixels, k times, against the factual image:", "",
-            "| k | IoU | exact |", "| ---: | ---: | ---: |"]
-    for k in own.get("iou", {}):
-        out.append(f"| {k} | {_fmt(own['iou'][k])} | {_fmt(own['exact'][k])} |")
-    return out
-
-
-def _md_controls(report: dict, model: dict) -> list[str]:
-    out = ["", "## Controls", "",
-            "The same metrics for answer sets that know nothing, built from the same rows "
-            "(intervened rows):", "",
-            "| answers | rows | IoU | pixel error | effectiveness | preservation | read nothing |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    labels = {"model": "the model", "factual": "factual image unchanged", "blank": "blank image",
-              "random": "random grid image"}
-    sections = {"model": model, **report["controls"]}
-    for name, label in labels.items():
-        s = sections[name]["overall"]
-        if s is not None:
-            out.append(f"| {label} | {s['count']} | {_fmt(s['iou'])} | {_fmt(s['pixel_error'], 4)} | "
-                       f"{_fmt(s['effectiveness'])} | {_fmt(s['preservation'])} | "
-                       f"{_fmt(s['read_nothing'])} |")
-    return out

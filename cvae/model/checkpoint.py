@@ -16,12 +16,13 @@ refused with one line before any Ray work.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import pickle
 import re
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
+from cvae import fs
 from cvae.data.grid import ModelGrid
+from cvae.data.groundtruth import GroundTruth
+from cvae.errors import CvaeError, DataError
 from cvae.model.networks import SupervisedVAE
 
 WEIGHTS = "model.pt"
@@ -43,7 +47,7 @@ PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 CHECKSUMS = "SHA256SUMS"  # beside the pretrained files: "<sha256>  <file>" per line
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CvaeError):
     """A checkpoint that is missing, malformed, or refused for safety."""
 
 
@@ -68,8 +72,6 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict,
 
 def load_meta(directory: str | Path) -> dict:
     """The checkpoint's JSON, from a local folder or a URI that pyarrow's filesystems handle."""
-    from cvae import fs
-
     path = fs.join(directory, META)
     try:
         text = fs.read_bytes(path)
@@ -85,7 +87,7 @@ def load_meta(directory: str | Path) -> dict:
 
 def resolve_checkpoint(path: str | Path, say: Callable[[str], None] | None = None) -> str:
     """The checkpoint folder `path` names (path or URI), returned as given; or, for a training
-    run folder, its best checkpoint, announced with one line through `say` (default: stderr).
+    run folder, its best checkpoint, announced with one line through `say` (default: logged at INFO).
 
     A run folder holds `checkpoint_epoch_*` folders directly, or one level down (the
     trainer's output folder holding `<run name>/`). The best is the one with the lowest
@@ -93,11 +95,9 @@ def resolve_checkpoint(path: str | Path, say: Callable[[str], None] | None = Non
     the latest epoch; ties go to the later epoch. Raises CheckpointError naming the path and
     what was expected otherwise.
     """
-    from cvae import fs
-
     if str(path) == PRETRAINED:
         checkpoint = str(pretrained_checkpoint())
-        (say or _to_stderr)(f"checkpoint: {checkpoint} (the pretrained whole-grid model, checksums verified)")
+        (say or _log)(f"checkpoint: {checkpoint} (the pretrained whole-grid model, checksums verified)")
         return checkpoint
     expected = (f"expected a checkpoint folder (holding {META} and {WEIGHTS}) or a training run "
                 f"folder (holding {EPOCH_PREFIX}* folders, directly or one level down)")
@@ -137,7 +137,7 @@ def resolve_checkpoint(path: str | Path, say: Callable[[str], None] | None = Non
         raise CheckpointError(f"{run}: none of its {len(epochs)} {EPOCH_PREFIX}* folders holds a "
                               f"readable {META}")
     chosen, why = _best(candidates)
-    (say or _to_stderr)(f"checkpoint: {chosen} ({why}, of {len(candidates)} in {run})")
+    (say or _log)(f"checkpoint: {chosen} ({why}, of {len(candidates)} in {run})")
     return chosen
 
 
@@ -148,8 +148,6 @@ def check_checkpoint(path: str | Path) -> dict:
     a missing, truncated or malicious model.pt (never executed), and for weights that do
     not fit the model spec: the driver calls this before starting Ray or any actor.
     """
-    from cvae import fs
-
     meta = load_meta(path)  # a missing or broken checkpoint.json, named as given
     _check_world(path, meta)
     if not fs.is_uri(path):
@@ -170,8 +168,6 @@ def check_checkpoint(path: str | Path) -> dict:
 def pretrained_checkpoint() -> Path:
     """The pretrained checkpoint's folder, after checking every file against its SHA256SUMS:
     a missing or altered file is a CheckpointError naming it."""
-    import hashlib
-
     sums = PRETRAINED_DIR / CHECKSUMS
     if not sums.is_file():
         raise CheckpointError(f"no pretrained model in this installation: {sums} is missing "
@@ -206,9 +202,6 @@ def model_grid(meta: dict) -> ModelGrid:
 def _check_world(path: str | Path, meta: dict) -> None:
     """The checkpoint's data must be ground truth this cvae can draw: a model trained on
     another renderer's images (an older version) is refused, naming both versions."""
-    from cvae.data.groundtruth import GroundTruth
-    from cvae.errors import DataError
-
     if meta.get("manifest"):
         try:
             GroundTruth.from_manifest(meta["manifest"])
@@ -216,8 +209,8 @@ def _check_world(path: str | Path, meta: dict) -> None:
             raise CheckpointError(f"{path}: {exc}") from None
 
 
-def _to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _log(line: str) -> None:
+    logging.getLogger(__name__).info("%s", line)
 
 
 def _subfolders(filesystem: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
@@ -240,18 +233,34 @@ def _epoch(checkpoint: str, meta: dict) -> int:
     return int(digits[-1]) if digits else -1
 
 
+# The best checkpoint, one rule for the trainer (which keeps the best few) and for readers
+# (a run folder stands for its best checkpoint): the lowest validation loss, else the lowest
+# test loss; a checkpoint that records no such loss ranks after every one that does; ties go
+# to the later epoch.
+BEST_BY = ("validation_loss", "test_loss")
+
+
+def score_metric(counts: dict) -> str:
+    """The metric a run's checkpoints are ranked on (lower is better): validation loss, or
+    test loss when the dataset (its manifest's `counts`) has no validation rows."""
+    return BEST_BY[0] if counts.get("validation", 0) > 0 else BEST_BY[1]
+
+
+def score_key(value, epoch: int) -> tuple[int, float, int]:
+    """The rule's sort key, best first: a finite score by its value, then anything else
+    (not evaluated that epoch, NaN); ties to the later epoch."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return (1, 0.0, -epoch)
+    return (0, float(value), -epoch)
+
+
 def _best(candidates: list[tuple[str, dict]]) -> tuple[str, str]:
     """(checkpoint, why): lowest validation loss, else lowest test loss, else latest epoch."""
-    for metric in ("validation_loss", "test_loss"):
-        scored = []
-        for checkpoint, meta in candidates:
-            value = (meta.get("metrics") or {}).get(metric)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                scored.append((value, -_epoch(checkpoint, meta), checkpoint))
-        if scored:
-            value, neg_epoch, checkpoint = min(scored)
-            name = metric.replace("_", " ")
-            return checkpoint, f"epoch {-neg_epoch}: the lowest {name}, {value:.4g}"
+    for metric in BEST_BY:
+        key, checkpoint = min((score_key((meta.get("metrics") or {}).get(metric), _epoch(c, meta)), c)
+                              for c, meta in candidates)
+        if key[0] == 0:
+            return checkpoint, f"epoch {-key[2]}: the lowest {metric.replace('_', ' ')}, {key[1]:.4g}"
     checkpoint, meta = max(candidates, key=lambda cm: _epoch(*cm))
     return checkpoint, f"epoch {_epoch(checkpoint, meta)}: the latest; none records a validation or test loss"
 

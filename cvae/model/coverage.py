@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cvae.data.grid import FACTOR_SIZES, FACTORS, ModelGrid, classes_to_index
+from cvae.model.checkpoint import model_grid
 
 MIN_IOU = 0.95
 MAX_DROP = 0.02
@@ -111,7 +112,5 @@ def describe_coverage(coverage: dict) -> list[str]:
 
 def grid_lines(meta: dict) -> list[str]:
     """What a checkpoint answers, for the jobs' output: its grid, and the measurement behind it."""
-    from cvae.model.checkpoint import model_grid
-
     coverage = {f: c for f, c in (meta.get("coverage") or {}).items() if isinstance(c, dict)}
     return [f"the model answers {model_grid(meta)!r}"] + [f"  {line}" for line in describe_coverage(coverage)]

@@ -10,6 +10,8 @@ name and storage path (Train V2 reloads its checkpoint-manager snapshot from the
 `run_training` is the driver: it builds the TorchTrainer (or runs the same function
 in-process with `num_workers: 0`, Ray Train's local mode) and writes the metrics
 (CSV, JSON), a loss-curve PNG and a reconstruction-grid PNG into the output folder.
+The end of each epoch (the checkpoint and its report) is cvae.model.report; what the driver
+hands every worker (`LoopConfig`) and the run's records are cvae.model.run.
 
 The best checkpoint is the one with the lowest validation loss; only a dataset without a
 validation split (`data.validation_fraction: 0`, or a manifest written before there was
@@ -23,30 +25,51 @@ in), so the history survives restarts and any checkpoint tells its own story.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
-import os
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import ray
 import torch
+import torch.distributed as dist
 
-from cvae.config import Config, ConfigError
+from cvae import fs
+from cvae.config import Config
+from cvae.data.grid import ModelGrid
+from cvae.data.reader import ShardReader, load_split
+from cvae.data.shards import MANIFEST, SPLITS, read_manifest, split_shards
+from cvae.errors import ConfigError
+from cvae.localray import init_ray  # token auth, loopback only, for a local Ray
+from cvae.logs import LEVELS, configure, quiet_train_worker, ray_train_level
 from cvae.malloc import keep_freed_memory
-from cvae.model.checkpoint import CheckpointError, load_checkpoint, load_meta, load_optimizer_state, save_checkpoint
+from cvae.model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_meta,
+    load_optimizer_state,
+    score_key,
+    score_metric,
+)
+from cvae.model.factors import FactorSCM
 from cvae.model.networks import SupervisedVAE
+from cvae.model.report import report_epoch
+from cvae.model.run import (
+    EVAL_SPLITS,
+    RECON_PNG,
+    LoopConfig,
+    latest_local_checkpoint,
+    local_checkpoints,
+    save_reconstructions,
+    write_metrics,
+)
 
-EVAL_SPLITS = ("validation", "test", "holdout")  # evaluated every train.eval_every epochs
+log = logging.getLogger(__name__)
+
 PROGRESS_EVERY_S = 60.0  # rank 0's progress line inside an epoch, at most this often
-METRICS_JSON, METRICS_CSV = "metrics.json", "metrics.csv"
-CURVE_PNG, RECON_PNG = "loss_curve.png", "reconstructions.png"
 
 
 @dataclass
@@ -60,40 +83,33 @@ class TrainingResult:
     best_by: str = "validation_loss"  # the metric that chose it (test_loss: no validation split)
 
 
-def score_metric(counts: dict) -> str:
-    """The metric checkpoints are ranked on (lower is better): validation loss, or test
-    loss when the dataset has no validation rows."""
-    return "validation_loss" if counts.get("validation", 0) > 0 else "test_loss"
-
-
 # ---------------------------------------------------------------- on each worker
 
 
-def train_func(loop_config: dict) -> None:
+def train_func(train_loop_config: dict) -> None:
     """One Ray Train worker's loop (also run in-process in local mode). Shards behind a
     URI are first staged to local disk: only the manifest and this worker's own shards."""
-    import ray.train
+    import ray.train  # ray.train only where training runs: importing it takes seconds
 
-    from cvae import fs
-
-    data_dir = loop_config["data_dir"]
+    loop: LoopConfig = train_loop_config["loop"]
+    if not loop.local_mode:  # a worker process of its own: its log lines reach the driver's stderr
+        configure(loop.log_level)
+        quiet_train_worker()
+    data_dir = loop.data_dir
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    files = rank_files(loop_config["manifest"], rank, world)
-    loop_config = {**loop_config, "placement": placement(rank, files, staged=fs.is_uri(data_dir))}
+    files = rank_files(loop.manifest, rank, world)
+    loop = dataclasses.replace(loop, placement=placement(rank, files, staged=fs.is_uri(data_dir)))
     if not fs.is_uri(data_dir):
-        return _train_loop(loop_config, data_dir, rank, world)
+        return _train_loop(loop, data_dir, rank, world)
     with fs.staged(data_dir, only=files) as local:
-        return _train_loop(loop_config, str(local), rank, world)
+        return _train_loop(loop, str(local), rank, world)
 
 
 def placement(rank: int, files: list[str], staged: bool) -> list[dict]:
     """Where every rank runs and which files it reads (staged: copied from a URI to its
     node's disk), gathered from all ranks: each checkpoint records it, so a run on a
     cluster shows which worker ran on which node with which shards."""
-    import ray
-    import torch.distributed as dist
-
     # Local mode runs without a Ray; asking for a runtime context there would start one
     # (ray's auto-init: unsecured, seconds long, and it spoils a later secured init_ray).
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -109,19 +125,15 @@ def placement(rank: int, files: list[str], staged: bool) -> list[dict]:
 def rank_files(manifest: dict, rank: int, world: int) -> list[str]:
     """The manifest and the shard files that rank `rank` of `world` reads (as ShardReader
     assigns them: every world-th shard of each split)."""
-    from cvae.data.shards import MANIFEST, SPLITS, split_shards
-
     return [MANIFEST] + [e["file"] for split in SPLITS
                          for e in split_shards(manifest, split)[rank::world]]
 
 
-def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None:
-    import ray.train
-    import ray.train.torch
+def _train_loop(loop: LoopConfig, data_dir: str, rank: int, world: int) -> None:
+    import ray.train  # ray.train only where training runs: importing it takes seconds
+    import ray.train.torch  # likewise
 
-    from cvae.data.reader import ShardReader
-
-    config: Config = loop_config["config"]
+    config: Config = loop.config
     train = config.train
     torch.set_num_threads(train.threads_per_worker)
     # Each step frees and reallocates its activations and gradients; with glibc's
@@ -130,45 +142,18 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
     keep_freed_memory()
     device = ray.train.torch.get_device()
 
-    model, optimizer, start_epoch, history, attempt = _model_and_optimizer(loop_config, config)
+    model, optimizer, start_epoch, history, attempt = _model_and_optimizer(loop, config)
 
     readers = {
         split: ShardReader(data_dir, split=split, rank=rank, world_size=world,
                            batch_size=train.batch_size, seed=config.seed,
                            shuffle_buffer=train.shuffle_buffer, verify=True)
         for split in ("train",) + EVAL_SPLITS
-        if split == "train" or loop_config["manifest_counts"].get(split, 0) > 0
+        if split == "train" or loop.manifest_counts.get(split, 0) > 0
     }
-    step_hook = loop_config.get("step_hook")
-
     for epoch in range(start_epoch, train.epochs + 1):
-        # Seeded per (epoch, rank): a resumed epoch draws the same z noise as the original.
-        torch.manual_seed(config.seed * 1_000_003 + epoch * 1_009 + rank)
-        model.train()
         started = time.perf_counter()
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-        steps = len(readers["train"].batch_sizes())
-        steps = min(steps, train.max_steps_per_epoch or steps)
-        updates = -(-steps // train.accumulate)  # Adam steps this epoch
-        progress = EpochProgress(epoch, train.epochs, steps, rank)
-        for step, batch in enumerate(_capped(readers["train"].epoch(epoch), train.max_steps_per_epoch)):
-            if step_hook is not None:
-                step_hook(epoch, step, rank, loop_config["run_dir"])
-            x, y = _to_model(batch, device)
-            # The loss is a sum over images, so summed gradients are those of one larger batch.
-            last = (step + 1) % train.accumulate == 0 or step + 1 == steps
-            with contextlib.nullcontext() if last or world == 1 else model.no_sync():
-                loss = model(x, y)
-                loss.backward()
-            if last:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(train, (epoch - 1) * updates + step // train.accumulate,
-                                                train.epochs * updates)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            total += loss.detach().double()
-            count += len(x)
-            progress.update(step, count, total)
+        total, count = _train_epoch(loop, model, optimizer, readers["train"], epoch, (rank, world), device)
         seconds = time.perf_counter() - started
         train_loss, train_rows = _all_reduce_mean(total, count, device)
         record = {
@@ -176,14 +161,48 @@ def _train_loop(loop_config: dict, data_dir: str, rank: int, world: int) -> None
             "train_images": train_rows, "seconds": round(seconds, 3),
             "images_per_s": round(train_rows / seconds, 1),
             "images_per_s_per_worker": round(train_rows / seconds / world, 1),
-            "workers": world, "nodes": len({p["node_id"] for p in loop_config["placement"]}),
+            "workers": world, "nodes": len({p["node_id"] for p in loop.placement}),
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             for split in EVAL_SPLITS:
                 if split in readers:
                     record[f"{split}_loss"] = _evaluate(model, readers[split], device)
         history = history + [record]
-        _report(loop_config, config, model, optimizer, record, history, rank)
+        report_epoch(loop, config, model, optimizer, record, history, rank)
+
+
+def _train_epoch(loop: LoopConfig, model, optimizer, reader, epoch: int, rank_world: tuple[int, int],
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+    """One epoch's training steps on this worker's train shards: its summed loss and images."""
+    config, (rank, world) = loop.config, rank_world
+    train = config.train
+    # Seeded per (epoch, rank): a resumed epoch draws the same z noise as the original.
+    torch.manual_seed(config.seed * 1_000_003 + epoch * 1_009 + rank)
+    model.train()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    steps = len(reader.batch_sizes())
+    steps = min(steps, train.max_steps_per_epoch or steps)
+    updates = -(-steps // train.accumulate)  # Adam steps this epoch
+    progress = EpochProgress(epoch, train.epochs, steps, rank)
+    for step, batch in enumerate(_capped(reader.epoch(epoch), train.max_steps_per_epoch)):
+        if loop.step_hook is not None:
+            loop.step_hook(epoch, step, rank, loop.run_dir)
+        x, y = _to_model(batch, device)
+        # The loss is a sum over images, so summed gradients are those of one larger batch.
+        last = (step + 1) % train.accumulate == 0 or step + 1 == steps
+        with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+            loss = model(x, y)
+            loss.backward()
+        if last:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(train, (epoch - 1) * updates + step // train.accumulate,
+                                            train.epochs * updates)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.detach().double()
+        count += len(x)
+        progress.update(step, count, total)
+    return total, count
 
 
 def learning_rate(train, step: int, total_steps: int) -> float:
@@ -196,22 +215,22 @@ def learning_rate(train, step: int, total_steps: int) -> float:
     return final + 0.5 * (train.lr - final) * (1 + math.cos(math.pi * done))
 
 
-def _model_and_optimizer(loop_config: dict, config: Config):
+def _model_and_optimizer(loop: LoopConfig, config: Config):
     """The model (on the device, in DDP when there are several workers) and its Adam, fresh
     or resumed from the run's latest checkpoint; and the epoch to start at, the history so
     far and the attempt number."""
-    import ray.train.torch
+    import ray.train.torch  # likewise
 
     torch.manual_seed(config.seed)  # identical initial weights on every worker
     model = SupervisedVAE.from_config(config.model)
     optimizer_state, start_epoch, history, attempt = None, 1, [], 0
-    resume_dir = _resume_checkpoint(loop_config)
+    resume_dir = _resume_checkpoint(loop)
     if resume_dir is not None:
         with resume_dir as directory:
             saved, meta = load_checkpoint(directory)
             if saved.spec() != model.spec():
                 raise CheckpointError(
-                    f"run {loop_config['run_name']!r} was trained with model {saved.spec()}, "
+                    f"run {loop.run_name!r} was trained with model {saved.spec()}, "
                     f"the config asks for {model.spec()}: use another run name"
                 )
             model.load_state_dict(saved.state_dict())
@@ -226,15 +245,15 @@ def _model_and_optimizer(loop_config: dict, config: Config):
     return model, optimizer, start_epoch, history, attempt
 
 
-def _resume_checkpoint(loop_config: dict):
+def _resume_checkpoint(loop: LoopConfig):
     """A context manager giving the directory to resume from, or None to start fresh."""
-    import ray.train
+    import ray.train  # ray.train only where training runs: importing it takes seconds
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         return checkpoint.as_directory()
-    if loop_config["local_mode"]:  # local mode keeps no state between runs: look ourselves
-        latest = _latest_local_checkpoint(Path(loop_config["run_dir"]))
+    if loop.local_mode:  # local mode keeps no state between runs: look ourselves
+        latest = latest_local_checkpoint(Path(loop.run_dir))
         if latest is not None:
             return _PlainDirectory(latest)
     return None
@@ -289,93 +308,10 @@ def _evaluate(model: torch.nn.Module, reader, device: torch.device) -> float:
     return _all_reduce_mean(total, count, device)[0]
 
 
-def _report(loop_config: dict, config: Config, model, optimizer, record: dict,
-            history: list[dict], rank: int) -> None:
-    """ray.train.report with this epoch's checkpoint (written by rank 0 only)."""
-    import ray.train
-
-    epoch = record["epoch"]
-    # Ray ranks checkpoints on the score: an epoch without that evaluation scores NaN,
-    # which Ray orders below every number, so it is never kept as a "best" one.
-    score = loop_config["score"]
-    metrics = {**record, score: record.get(score, math.nan)}
-    name = f"checkpoint_epoch_{epoch:05d}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        _wait_until_committed()
-        return
-    grid, coverage = _measured_grid(loop_config, model, config.seed)
-    meta = {
-        "config": config.to_dict(), "manifest": loop_config["manifest"],
-        "scm": loop_config["scm"], "grid": grid, "coverage": coverage, "epoch": epoch, "attempt": record["attempt"],
-        "placement": loop_config["placement"],
-        "metrics": _json_safe(record), "history": _json_safe(history),
-    }
-    if loop_config["local_mode"]:
-        # Local mode keeps the Checkpoint object as given: write it where it stays.
-        directory = Path(loop_config["run_dir"]) / name
-        save_checkpoint(directory, model, meta, optimizer)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-        _prune_local(Path(loop_config["run_dir"]), config.train.keep_checkpoints, score)
-    else:
-        staging = tempfile.mkdtemp(prefix="cvae-ckpt-")
-        try:
-            save_checkpoint(staging, model, meta, optimizer)
-            # Synchronous upload: the files are in storage when report returns.
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
-                             checkpoint_dir_name=name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    _wait_until_committed()
-    _print_progress(record, config.train.epochs)
-    if loop_config.get("progress_dir"):
-        try:  # refresh the metrics and the loss curve as the run goes; never fatal
-            write_metrics(Path(loop_config["progress_dir"]), history)
-        except OSError as exc:
-            print(f"(could not refresh metrics in {loop_config['progress_dir']}: {exc})", flush=True)
-
-
-def _measured_grid(loop_config: dict, model, seed: int) -> tuple[dict | None, dict]:
-    """The grid this checkpoint declares: the training grid, widened to the whole range of
-    each factor whose unseen classes it measurably draws right (cvae.model.coverage)."""
-    from cvae.data.grid import ModelGrid
-    from cvae.data.groundtruth import GroundTruth
-    from cvae.model.coverage import measure_coverage
-
-    if not loop_config.get("grid"):
-        return None, {}
-    trained = ModelGrid.from_dict(loop_config["grid"])
-    if trained.is_whole():
-        return trained.to_dict(), {}
-    module = getattr(model, "module", model)
-    try:
-        truth = GroundTruth.from_manifest(loop_config["manifest"])
-        grid, coverage = measure_coverage(module, trained, truth, next(module.parameters()).device, seed)
-    except (OSError, ValueError) as exc:  # no ground truth here: declare what it trained on
-        logging.getLogger(__name__).warning("grid not measured (%s): the checkpoint answers its training grid", exc)
-        return trained.to_dict(), {"error": str(exc)}
-    return grid.to_dict(), coverage
-
-
-def _wait_until_committed() -> None:
-    """Block until the controller has registered this report's checkpoint.
-
-    ray.train.report only queues the result on the worker; the controller picks it up
-    when it next polls. A worker that dies before then takes the report with it, and the
-    restart resumes from the checkpoint before (seen here: a SIGKILL three steps into
-    epoch 2 restarted from scratch). Waiting here bounds the loss to one epoch.
-    """
-    import ray.train
-
-    ray.train.get_all_reported_checkpoints(
-        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-
-
 class EpochProgress:
     """Rank 0's progress inside a long epoch (a full-grid epoch takes many minutes on CPU):
     at most every PROGRESS_EVERY_S seconds, the share of the epoch's steps done, this
     rank's running train loss and its images/s. The epoch's own line follows at its end."""
-
     def __init__(self, epoch: int, epochs: int, steps: int, rank: int):
         self.epoch, self.epochs, self.steps, self.on = epoch, epochs, steps, rank == 0 and steps > 0
         self.started = self.last = time.perf_counter()
@@ -385,62 +321,9 @@ class EpochProgress:
         if not self.on or now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        print(f"epoch {self.epoch}/{self.epochs}: {100 * (step + 1) / self.steps:.0f}% "
-              f"({step + 1:,} of {self.steps:,} steps), train {float(total) / images:.2f} nats/image "
-              f"so far, {images / (now - self.started):.0f} img/s", file=sys.__stdout__ or sys.stdout, flush=True)
-
-
-def _print_progress(record: dict, epochs: int) -> None:
-    parts = [f"epoch {record['epoch']}/{epochs}", f"train {record['train_loss']:.2f}"]
-    for split in EVAL_SPLITS:
-        if f"{split}_loss" in record:
-            parts.append(f"{split} {record[f'{split}_loss']:.2f}")
-    parts.append("nats/image")
-    parts.append(f"{record['images_per_s']:.0f} img/s ({record['images_per_s_per_worker']:.0f}/worker)")
-    parts.append(f"{record['seconds']:.1f}s")
-    if record["attempt"]:
-        parts.append(f"(attempt {record['attempt'] + 1})")
-    # To the process's own stdout: Ray Train's patched print would also copy it into its
-    # logger, and the driver would show every line twice.
-    print("  ".join(parts), file=sys.__stdout__ or sys.stdout, flush=True)
-
-
-# ---------------------------------------------------------------- local-mode bookkeeping
-
-
-def _local_checkpoints(run_dir: Path) -> list[tuple[Path, dict]]:
-    found = []
-    for path in sorted(run_dir.glob("checkpoint_epoch_*")):
-        try:
-            found.append((path, load_meta(path)))
-        except CheckpointError:
-            continue  # a checkpoint cut short by a crash: not one to resume from
-    return found
-
-
-def _latest_local_checkpoint(run_dir: Path) -> Path | None:
-    found = _local_checkpoints(run_dir)
-    return max(found, key=lambda pm: pm[1]["epoch"])[0] if found else None
-
-
-def _prune_local(run_dir: Path, keep: int, score: str) -> None:
-    """Ray's policy, by hand for local mode: keep the best `keep` and always the latest."""
-    found = _local_checkpoints(run_dir)
-    if len(found) <= keep:
-        return
-    latest = max(found, key=lambda pm: pm[1]["epoch"])[0]
-    ranked = sorted(found, key=lambda pm: _score_key(pm[1]["metrics"], score))
-    for path, _ in ranked[keep:]:
-        if path != latest:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _score_key(metrics: dict, score: str) -> tuple[int, float, int]:
-    """Sort key: checkpoints evaluated on `score` by it, then the rest; ties to the later."""
-    value = metrics.get(score)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return (1, 0.0, -metrics["epoch"])
-    return (0, value, -metrics["epoch"])
+        log.info("epoch %d/%d: %.0f%% (%s of %s steps), train %.2f nats/image so far, %.0f img/s",
+                 self.epoch, self.epochs, 100 * (step + 1) / self.steps, f"{step + 1:,}", f"{self.steps:,}",
+                 float(total) / images, images / (now - self.started))
 
 
 # ---------------------------------------------------------------- on the driver
@@ -456,28 +339,19 @@ def run_training(config: Config, data_dir: str | Path, out_dir: str | Path,
 
     `step_hook(epoch, step, rank, run_dir)`, if given, runs on every worker before each
     training step (fault drills and instrumentation; it travels to the workers pickled)."""
-    import ray
-
-    loop_config = _loop_config(config, data_dir, out_dir, run_name or config.name)
-    if step_hook is not None:
-        loop_config["step_hook"] = step_hook
-    if loop_config["local_mode"]:
-        Path(loop_config["run_dir"]).mkdir(parents=True, exist_ok=True)
+    loop = _loop(config, data_dir, out_dir, run_name or config.name)
+    loop.step_hook = step_hook
+    level = logging.getLevelName(logging.getLogger("cvae").getEffectiveLevel())
+    loop.log_level = level if level in LEVELS else "WARNING"  # the workers log as the driver does
+    if loop.local_mode:
+        Path(loop.run_dir).mkdir(parents=True, exist_ok=True)
     elif not ray.is_initialized():
-        from cvae.localray import init_ray  # token auth, loopback only, for a local Ray
-
         init_ray(config.ray_address, num_cpus=config.num_cpus)
-    return _collect(_fit(config, loop_config), loop_config)
+    return _collect(_fit(config, loop), loop)
 
 
-def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_name: str) -> dict:
+def _loop(config: Config, data_dir: str | Path, out_dir: str | Path, run_name: str) -> LoopConfig:
     """What every worker needs (plain data: it is pickled to each one), checked here first."""
-    from cvae import fs
-    from cvae.causal.factors import FactorSCM
-    from cvae.data.grid import ModelGrid
-    from cvae.data.reader import load_split
-    from cvae.data.shards import MANIFEST, read_manifest
-
     data_uri = str(data_dir).rstrip("/") if fs.is_uri(data_dir) else str(Path(data_dir).resolve())
     remote = fs.is_uri(out_dir)
     out = str(out_dir).rstrip("/") if remote else str(Path(out_dir).resolve())
@@ -500,54 +374,48 @@ def _loop_config(config: Config, data_dir: str | Path, out_dir: str | Path, run_
     if score != "validation_loss":
         logging.getLogger(__name__).warning("%s: no validation split: the best checkpoint is chosen by test loss",
                                             data_dir)
-    return {
-        # The typed Config itself crosses the Ray boundary (pickled), so workers get what
-        # the driver validated; checkpoints store its dict.
-        "config": config, "data_dir": data_uri, "manifest": manifest,
-        "manifest_counts": counts, "scm": scm.to_dict(), "grid": grid.to_dict(), "score": score,
-        "out": out, "remote": remote,
-        "local_mode": local_mode, "run_dir": fs.join(out, run_name), "run_name": run_name,
-        # Per-epoch metrics and curve, refreshed by rank 0 (a local folder only).
-        "progress_dir": None if remote else out,
-    }
+    return LoopConfig(config=config, data_dir=data_uri, manifest=manifest, manifest_counts=counts,
+                      scm=scm.to_dict(), grid=grid.to_dict(), score=score, out=out, remote=remote,
+                      local_mode=local_mode, run_dir=fs.join(out, run_name), run_name=run_name,
+                      progress_dir=None if remote else out)
 
 
-def _fit(config: Config, loop_config: dict):
+def _fit(config: Config, loop: LoopConfig):
     """Run the workers with Ray Train; returns Ray Train's result."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray.train  # ray.train only where training runs: importing it takes seconds
+    from ray.train.torch import TorchTrainer  # likewise
 
-    train, local_mode = config.train, loop_config["local_mode"]
+    train, local_mode = config.train, loop.local_mode
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},  # Ray Train hands the worker function a dict
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
             resources_per_worker=None if local_mode else {"CPU": train.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=loop_config["run_name"], storage_path=loop_config["out"],
+            name=loop.run_name, storage_path=loop.out,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             # Ray keeps the latest checkpoint besides the best ones, so a rerun resumes.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=train.keep_checkpoints,
-                checkpoint_score_attribute=loop_config["score"], checkpoint_score_order="min"),
+                checkpoint_score_attribute=loop.score, checkpoint_score_order="min"),
+            # Ray Train's INFO lines only at --log-level DEBUG.
+            logging_config=ray.train.LoggingConfig(log_level=ray_train_level()),
         ),
     )
     return trainer.fit()
 
 
-def _collect(result, loop_config: dict) -> TrainingResult:
+def _collect(result, loop: LoopConfig) -> TrainingResult:
     """The kept checkpoints (in local mode from the run folder, else the ones Ray Train
     kept: the best few by the score, and the latest), the metrics files and figures."""
-    import ray.train
+    import ray.train  # ray.train only where training runs: importing it takes seconds
 
-    from cvae import fs
-
-    run_dir, out, remote, score = (loop_config[k] for k in ("run_dir", "out", "remote", "score"))
-    if loop_config["local_mode"]:
+    run_dir, out, remote, score = loop.run_dir, loop.out, loop.remote, loop.score
+    if loop.local_mode:
         kept = [(ray.train.Checkpoint.from_directory(str(p)), meta)
-                for p, meta in _local_checkpoints(Path(run_dir))]
+                for p, meta in local_checkpoints(Path(run_dir))]
     else:
         kept = []
         for checkpoint in [c for c, _ in result.best_checkpoints or []] + [result.checkpoint]:
@@ -557,12 +425,12 @@ def _collect(result, loop_config: dict) -> TrainingResult:
     if not kept:
         raise RuntimeError(f"training under {run_dir} produced no checkpoint")
     latest, latest_meta = max(kept, key=lambda cm: cm[1]["epoch"])
-    best, best_meta = min(kept, key=lambda cm: _score_key(cm[1]["metrics"], score))
+    best, best_meta = min(kept, key=lambda cm: score_key(cm[1]["metrics"].get(score), cm[1]["metrics"]["epoch"]))
     history = latest_meta["history"]
     with fs.local_output(out) as local_out:
         files = write_metrics(local_out, history)
         with best.as_directory() as directory, \
-                fs.staged(loop_config["data_dir"], only=rank_files(loop_config["manifest"], 0, 1)) as data_local:
+                fs.staged(loop.data_dir, only=rank_files(loop.manifest, 0, 1)) as data_local:
             save_reconstructions(directory, data_local, local_out / RECON_PNG)
         files["reconstructions"] = str(local_out / RECON_PNG)
     if remote:
@@ -579,59 +447,3 @@ def _split_counts(manifest: dict) -> dict[str, int]:
     return {split: int(n) for split, n in manifest["counts"].items()}
 
 
-def _json_safe(value):
-    """NaN and inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_metrics(out_dir: Path, history: list[dict]) -> dict[str, str]:
-    """metrics.json, metrics.csv and the loss-curve PNG from the epoch records."""
-    import pandas as pd
-
-    from cvae.figures import save_curves
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history = _json_safe(history)
-    tmp = out_dir / (METRICS_JSON + ".tmp")
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, out_dir / METRICS_JSON)
-    pd.DataFrame(history).to_csv(out_dir / METRICS_CSV, index=False)
-    curves = {}
-    for split in ("train",) + EVAL_SPLITS:
-        points = [(r["epoch"], r[f"{split}_loss"]) for r in history if r.get(f"{split}_loss") is not None]
-        if points:
-            curves[split] = ([p[0] for p in points], [p[1] for p in points])
-    save_curves(out_dir / CURVE_PNG, curves, title="negative ELBO per image")
-    return {"metrics_json": str(out_dir / METRICS_JSON), "metrics_csv": str(out_dir / METRICS_CSV),
-            "loss_curve": str(out_dir / CURVE_PNG)}
-
-
-def reconstruct(model: SupervisedVAE, images: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
-    """Pixel probabilities decoded from the posterior mean of z: (B, 64, 64) in [0, 1]."""
-    with torch.no_grad():
-        x = images.reshape(len(images), -1).float()
-        loc, _ = model.encode(x, classes)
-        return torch.sigmoid(model.decode(loc, classes)).reshape(images.shape).numpy()
-
-
-def save_reconstructions(checkpoint_dir: str | Path, data_dir: str | Path, path: Path,
-                         count: int = 10) -> Path:
-    """Test images above their reconstructions by the checkpoint's model."""
-    from cvae.data.reader import ShardReader
-    from cvae.figures import save_image_grid
-
-    model, meta = load_checkpoint(checkpoint_dir)
-    reader = ShardReader(data_dir, split="test", batch_size=count, seed=0, verify=False)
-    batch = next(iter(reader.epoch(0)), None)
-    if batch is None:  # no test split: show training rows instead
-        reader = ShardReader(data_dir, split="train", batch_size=count, seed=0, verify=False)
-        batch = next(iter(reader.epoch(0)))
-    recon = reconstruct(model, batch.images, batch.classes)
-    return save_image_grid(path, [batch.images.numpy(), recon], row_labels=["test", "recon"],
-                           title=f"reconstructions, epoch {meta['epoch']}")

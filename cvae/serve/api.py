@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cvae import fs
 from cvae.causal.image import ImageSCM
 from cvae.data.grid import (
     FACTOR_SIZES,
@@ -69,6 +70,7 @@ from cvae.data.grid import (
     index_to_classes,
 )
 from cvae.data.images import decode_image
+from cvae.model.checkpoint import META, WEIGHTS, resolve_checkpoint
 from cvae.serve.queries import KINDS, QUERY_SCHEMA, answer_queries
 
 __all__ = ["CausalModel", "Value", "query_table"]
@@ -211,11 +213,8 @@ class CausalModel:
              say: Callable[[str], None] | None = None) -> CausalModel:
         """Load one checkpoint folder, or a training run folder's best checkpoint (lowest
         validation loss, else test loss, else the latest epoch; `cvae.model.checkpoint.resolve_checkpoint`,
-        which says which through `say`, by default one line on stderr). Local paths or URIs.
+        which says which through `say`, by default one line logged at INFO). Local paths or URIs.
         Raises CheckpointError (a ValueError) naming the path for anything that is not one."""
-        from cvae import fs
-        from cvae.model.checkpoint import META, WEIGHTS, resolve_checkpoint
-
         checkpoint = resolve_checkpoint(path, say=say)
         # A URI is copied to a local temporary folder for the load, as the query actors do.
         with fs.staged(checkpoint, only=[WEIGHTS, META] if fs.is_uri(checkpoint) else None) as local:

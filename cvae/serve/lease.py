@@ -26,9 +26,9 @@ the engine calls before it commits, and fails instead of committing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -39,6 +39,8 @@ import pyarrow.fs as pafs
 
 from cvae import fs as cfs
 from cvae.errors import OutputBusyError
+
+log = logging.getLogger(__name__)
 
 LEASE = "_LEASE.json"
 TIMEOUT_ENV = "CVAE_LEASE_TIMEOUT_S"  # overrides DEFAULT_TIMEOUT_S
@@ -175,8 +177,7 @@ class OutputLease:
             reason = stale_reason(current)
             if reason is None:
                 raise self._busy(current, "in use by")
-            print(f"output {self.where}: taking over the lease of {describe(current)}: {reason}",
-                  file=sys.stderr, flush=True)
+            log.warning("output %s: taking over the lease of %s: %s", self.where, describe(current), reason)
         self._write()
         time.sleep(self.settle_s)
         current = self.read()

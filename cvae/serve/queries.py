@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from cvae.causal.image import ImageSCM
 from cvae.data.grid import FACTOR_SIZES, FACTORS, NUM_IMAGES, index_to_classes
 from cvae.data.images import decode_image, encode_pngs
+from cvae.errors import CvaeError
 from cvae.rng import row_keys, seed_from_query_id
 from cvae.serve.schema import (  # noqa: F401 (re-exported)
     ERROR_SCHEMA,
@@ -41,7 +42,7 @@ REQUIRED = ("query_id", "kind")
 ANSWER_CHUNK = 512
 
 
-class QuerySchemaError(ValueError):
+class QuerySchemaError(CvaeError):
     """A query file that cannot be used at all (missing or mistyped columns)."""
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cvae import fs as cfs
 from cvae.data.grid import FACTORS, classes_to_index
+from cvae.data.groundtruth import GroundTruth
 from cvae.data.images import decode_image
 
 SUCCESS = "_SUCCESS.json"
@@ -69,8 +70,6 @@ class CounterfactualPairs(IterableDataset):
         return self.parts if info is None else self.parts[info.id::info.num_workers]
 
     def __iter__(self):
-        from cvae.data.groundtruth import GroundTruth
-
         truth = GroundTruth("render")
         for part in self.my_parts():
             fs, path = cfs.resolve(part)

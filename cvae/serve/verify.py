@@ -1,7 +1,7 @@
 """Verified rows: every answer read back over the whole grid, in the query actors.
 
 `jobs.query --verify` (`run_query_job(verify=True)`) hands each query actor a `Verifier`:
-the evaluation's readout (`cvae.evaluate.readout.Readout`, the nearest ground-truth image
+the evaluation's readout (`cvae.data.readout.Readout`, the nearest ground-truth image
 by IoU among every image the ground truth has, exact) built once per actor. Each answer is
 read back before it is encoded, and its result row gains VERIFY_FIELDS (cvae.serve.schema):
 
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cvae.data.grid import FACTORS, classes_to_index
+from cvae.data.readout import Readout
 from cvae.serve.schema import ERROR_SCHEMA, result_schema
 
 KEEP = ("all", "verified")  # --keep: every answered row in results/, or only the verified ones
@@ -42,8 +43,6 @@ class Verifier:
     def of(cls, scm) -> Verifier:
         """The verifier of an ImageSCM's ground truth (its data manifest's); the readout index
         (about 440 MB for the whole grid) is built once per process."""
-        from cvae.evaluate.readout import Readout
-
         if scm.ground_truth is None:
             raise ValueError("verifying answers needs the checkpoint's ground truth (its data manifest)")
         return cls(Readout.of(scm.ground_truth))

@@ -15,11 +15,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cvae.data.grid import FACTOR_SIZES, FACTORS
+from cvae.data.grid import FACTOR_SIZES, FACTORS, factor_order, strided_classes
+from cvae.errors import ConfigError, CvaeError
 from cvae.rng import STREAM_GUMBEL, gumbels, row_keys, uniforms
 
 
-class ScmError(ValueError):
+class ScmError(CvaeError):
     """An SCM spec (edges, tables) that cannot be used, with the problem named."""
 
 
@@ -40,7 +41,10 @@ class FactorSCM:
             raise ScmError("duplicate edge in the factor DAG")
         self.parents = {f: [p for p, c in self.edges if c == f] for f in FACTORS}
         self.children = {f: [c for p, c in self.edges if p == f] for f in FACTORS}
-        self.order = self._topological_order()
+        try:
+            self.order = factor_order(self.edges)
+        except ValueError as exc:
+            raise ScmError(f"{exc}: {self.edges}") from None
         self.tables: dict[str, np.ndarray] = {}
         for f in FACTORS:
             expected = tuple(FACTOR_SIZES[p] for p in self.parents[f]) + (FACTOR_SIZES[f],)
@@ -63,16 +67,6 @@ class FactorSCM:
             self.log_tables = {f: np.log(t) for f, t in self.tables.items()}
         self._posterior_cache: dict = {}
         self._cache_bytes = 0
-
-    def _topological_order(self) -> list[str]:
-        order, placed = [], set()
-        while len(order) < len(FACTORS):
-            ready = [f for f in FACTORS if f not in placed and set(self.parents[f]) <= placed]
-            if not ready:
-                raise ScmError(f"the factor edges have a cycle: {self.edges}")
-            order.append(ready[0])
-            placed.add(ready[0])
-        return order
 
     # ----------------------------------------------------------------- construction
 
@@ -141,7 +135,7 @@ class FactorSCM:
         """This SCM on a strided grid: `on_classes` with every k-th class of each factor."""
         if not strides:
             return self
-        return self.on_classes({f: np.arange(0, FACTOR_SIZES[f], int(strides.get(f, 1))) for f in FACTORS})
+        return self.on_classes({f: strided_classes(f, strides) for f in FACTORS})
 
     def on_classes(self, classes: dict) -> FactorSCM:
         """This SCM with every class outside `classes` (per factor; a factor not named keeps
@@ -375,3 +369,14 @@ def _components(nodes: list, edges: list) -> list[list]:
 
 
 # --------------------------------------------------------------------------- image SCM
+
+
+def dataset_scm(config) -> FactorSCM | None:
+    """The factor SCM a dataset is sampled from when `config.data.generator` is 'scm' (for
+    cvae.data.shards.write_dataset), else None; one it cannot sample from is a ConfigError."""
+    if config.data.generator != "scm":
+        return None
+    try:
+        return FactorSCM.from_config(config.scm)
+    except ValueError as exc:  # e.g. tables 'fit' has no data to count from here
+        raise ConfigError(f"config.scm: cannot sample a dataset from it: {exc}") from None

@@ -11,7 +11,7 @@ row; `_families.json` beside them in the query folder says what they ask, so
 
 Measured per family and kind (`tv_table`):
 - `tv_images`: total variation between the truth and the distribution of the target as
-  the answer images read back (`cvae.evaluate.readout`; an answer whose target reads back no class
+  the answer images read back (`cvae.data.readout`; an answer whose target reads back no class
   puts its mass on no class, so all of it counts as error; pixel-identical classes share
   it). This is what the model's pictures show.
 - `tv_classes`: the same for the result rows' own factor columns, which come from the
@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from cvae import fs
+from cvae.config import Family, FamilyError, parse_family  # noqa: F401  (the family spec, where the config checks it)
 from cvae.data.grid import FACTOR_SIZES, FACTORS, SHAPE_NAMES
 from cvae.rng import hash_parts
 from cvae.serve.schema import QUERY_SCHEMA
@@ -44,48 +46,6 @@ FAMILY_KINDS = ("condition", "intervene")
 FAMILIES_FILE = "_families.json"
 QUERY_FILE = "families.parquet"
 _ID = re.compile(r"^family(\d+)-(condition|intervene)-\d+$")
-
-
-class FamilyError(ValueError):
-    """A family spec that cannot be used, with the offending entry named."""
-
-
-@dataclass(frozen=True)
-class Family:
-    target: str
-    factor: str
-    value: int
-
-    @property
-    def label(self) -> str:
-        value = SHAPE_NAMES[self.value] if self.factor == "shape" else str(self.value)
-        return f"{self.target} | {self.factor}={value}"
-
-    def question(self, kind: str) -> str:
-        value = SHAPE_NAMES[self.value] if self.factor == "shape" else str(self.value)
-        on = f"{self.factor}={value}" if kind == "condition" else f"do({self.factor}={value})"
-        return f"P({self.target} | {on})"
-
-    def to_dict(self) -> dict:
-        return {"target": self.target, "factor": self.factor, "value": self.value}
-
-
-def parse_family(entry, where: str) -> Family:
-    """A family from `{target: <factor>, factor: <factor>, value: <class, or a shape name>}`."""
-    if not isinstance(entry, dict) or set(entry) != {"target", "factor", "value"}:
-        raise FamilyError(f"{where}: expected {{target: <factor>, factor: <factor>, value: <class>}}, "
-                          f"got {entry!r}")
-    target, factor, value = entry["target"], entry["factor"], entry["value"]
-    if target not in FACTORS:
-        raise FamilyError(f"{where}.target: unknown factor {target!r} (factors: {', '.join(FACTORS)})")
-    if factor not in FACTORS or factor == target:
-        raise FamilyError(f"{where}.factor: must be a factor other than the target, got {factor!r}")
-    if factor == "shape" and value in SHAPE_NAMES:
-        value = SHAPE_NAMES.index(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < FACTOR_SIZES[factor]:
-        raise FamilyError(f"{where}.value: must be a {factor} class in [0, {FACTOR_SIZES[factor]})"
-                          + (" or a shape name" if factor == "shape" else "") + f", got {value!r}")
-    return Family(target, factor, value)
 
 
 def family_queries(families: list[Family], samples: int, seed: int, max_samples: int) -> pa.Table:
@@ -113,10 +73,6 @@ def write_family_queries(families: list[Family], samples: int, seed: int, max_sa
                          folder: str | Path) -> dict:
     """Write `families.parquet` and `_families.json` into a local query folder (or remove
     both when there are no families, so a folder never holds a stale set)."""
-    import pyarrow.parquet as pq
-
-    from cvae import fs
-
     folder = Path(folder)
     if not families:
         for name in (QUERY_FILE, FAMILIES_FILE):
@@ -228,7 +184,7 @@ def markdown_table(rows: list[dict], goal: float = 0.05) -> list[str]:
 
 def save_figure(path: str | Path, rows: list[dict]) -> None:
     """Bars per family: the truth and the read-back answers, conditioned and intervened."""
-    from cvae.figures import _import_pyplot
+    from cvae.figures import _import_pyplot  # matplotlib only when a figure is drawn
 
     plt = _import_pyplot()
     families = sorted({r["family"] for r in rows})

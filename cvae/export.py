@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from cvae.causal.image import ImageSCM
+from cvae.data.fidelity import load_reference
+from cvae.evaluate.official import score_official
 from cvae.model.checkpoint import (
     CHECKSUMS,
     META,
@@ -47,10 +50,6 @@ def export(run: str | Path, out: str | Path = PRETRAINED_DIR, command: str = COM
     """Write the shipped files from pipeline run folder `run` (holding train/, eval/ and
     summary.json) into `out`; returns the new checkpoint.json. Refuses a run that did not
     finish, weights over MAX_BYTES, or a model whose grid is not the whole grid."""
-    from cvae.causal.image import ImageSCM
-    from cvae.data.fidelity import load_reference
-    from cvae.evaluate.official import score_official
-
     run, out = Path(run), Path(out)
     summary, report = _read_json(run / "summary.json"), _read_json(run / "eval" / "report.json")
     checkpoint = Path(resolve_checkpoint(run / "train"))
@@ -152,11 +151,6 @@ def model_card(meta: dict) -> str:
     p, ev, official = meta["provenance"], meta["evaluation"], meta["official_frames"]
     config, data = meta.get("config") or {}, p["data"]
     train = config.get("train") or {}
-    o = ev["overall"] or {}
-
-    def f3(v) -> str:
-        return "–" if v is None else f"{v:.3f}"
-
     lines = [
         "# cvae pretrained: the whole dSprites grid", "",
         f"A supervised causal VAE (`arch: {meta['model'].get('arch')}`) trained on the training split of all "
@@ -176,41 +170,59 @@ def model_card(meta: dict) -> str:
         "", "| epoch | train loss | validation loss | test loss | seconds |", "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for h in meta.get("history") or []:
-        lines.append(f"| {h.get('epoch')} | {f3(h.get('train_loss'))} | {f3(h.get('validation_loss'))} | "
-                     f"{f3(h.get('test_loss'))} | {h.get('seconds', 0):.0f} |")
-    lines += [
+        lines.append(f"| {h.get('epoch')} | {_f3(h.get('train_loss'))} | {_f3(h.get('validation_loss'))} | "
+                     f"{_f3(h.get('test_loss'))} | {h.get('seconds', 0):.0f} |")
+    lines += _card_evaluation(ev)
+    if official.get("overall"):
+        lines += _card_official(official)
+    lines += ["## Files", "", "`model.pt` (weights only, `torch.load(..., weights_only=True)`), `checkpoint.json` "
+              "(all of the above as data), `SHA256SUMS` (checked at every load).", ""]
+    return "\n".join(lines)
+
+
+def _f3(v) -> str:
+    """A card's figure: three decimals, or a dash for none."""
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _card_evaluation(ev: dict) -> list[str]:
+    """The card's evaluation: overall, per factor, per scale, null interventions and controls."""
+    o = ev["overall"] or {}
+    lines = [
         "", "## Evaluation", "",
         f"{o.get('count')} intervened counterfactuals of test-split sources drawn from the whole grid (one "
         "random other value of each factor per source), each read back over the whole 737,280-image "
-        f"grid: **IoU {f3(o.get('iou'))}, effectiveness {f3(o.get('effectiveness'))}, preservation "
-        f"{f3(o.get('preservation'))}** (goal: 0.97, 0.99, 0.99).", "",
+        f"grid: **IoU {_f3(o.get('iou'))}, effectiveness {_f3(o.get('effectiveness'))}, preservation "
+        f"{_f3(o.get('preservation'))}** (goal: 0.97, 0.99, 0.99).", "",
         "| factor | effectiveness | preservation |", "| --- | ---: | ---: |",
     ]
     for f in ("shape", "scale", "orientation", "pos_x", "pos_y"):
-        lines.append(f"| {f} | {f3(o.get('effectiveness_by_factor', {}).get(f))} | "
-                     f"{f3(o.get('preservation_by_factor', {}).get(f))} |")
+        lines.append(f"| {f} | {_f3(o.get('effectiveness_by_factor', {}).get(f))} | "
+                     f"{_f3(o.get('preservation_by_factor', {}).get(f))} |")
     lines += ["", "| scale of the answer | rows | IoU | effectiveness | preservation |",
               "| ---: | ---: | ---: | ---: | ---: |"]
     for k, s in ev["by_scale"].items():
         if s:
-            lines.append(f"| {k} | {s['count']} | {f3(s['iou'])} | {f3(s['effectiveness'])} | "
-                         f"{f3(s['preservation'])} |")
+            lines.append(f"| {k} | {s['count']} | {_f3(s['iou'])} | {_f3(s['effectiveness'])} | "
+                         f"{_f3(s['preservation'])} |")
     null, controls = ev.get("null") or {}, ev.get("controls") or {}
-    lines += ["", f"Null interventions (do = the factual value): {null.get('count')}, exact {f3(null.get('exact'))}. "
+    lines += ["", f"Null interventions (do = the factual value): {null.get('count')}, exact {_f3(null.get('exact'))}. "
               "Controls, effectiveness / preservation: " + ", ".join(
-                  f"{n} {f3((c or {}).get('effectiveness'))} / {f3((c or {}).get('preservation'))}"
+                  f"{n} {_f3((c or {}).get('effectiveness'))} / {_f3((c or {}).get('preservation'))}"
                   for n, c in controls.items()) + ".", ""]
-    if official.get("overall"):
-        lines += ["## Official frames", "",
-                  f"Counterfactuals of official dSprites frames (the {official['frames']} reference frames of "
-                  f"the official README's animation, given as images): every ordered pair of frames that differ "
-                  f"in one factor ({official['pairs']} pairs, {official['refused']} refused), the answer compared "
-                  f"with the official target frame: mean IoU {official['overall']['mean_iou']:.3f}, min "
-                  f"{official['overall']['min_iou']:.3f}, {official['overall']['exact']} pixel-exact.", "",
-                  "| intervened factor | pairs | mean IoU | min IoU | exact |", "| --- | ---: | ---: | ---: | ---: |"]
-        for f, s in official["by_factor"].items():
-            lines.append(f"| {f} | {s['pairs']} | {s['mean_iou']:.3f} | {s['min_iou']:.3f} | {s['exact']} |")
-        lines.append("")
-    lines += ["## Files", "", "`model.pt` (weights only, `torch.load(..., weights_only=True)`), `checkpoint.json` "
-              "(all of the above as data), `SHA256SUMS` (checked at every load).", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _card_official(official: dict) -> list[str]:
+    """The card's counterfactuals of official dSprites frames."""
+    lines = ["## Official frames", "",
+             f"Counterfactuals of official dSprites frames (the {official['frames']} reference frames of "
+             f"the official README's animation, given as images): every ordered pair of frames that differ "
+             f"in one factor ({official['pairs']} pairs, {official['refused']} refused), the answer compared "
+             f"with the official target frame: mean IoU {official['overall']['mean_iou']:.3f}, min "
+             f"{official['overall']['min_iou']:.3f}, {official['overall']['exact']} pixel-exact.", "",
+             "| intervened factor | pairs | mean IoU | min IoU | exact |", "| --- | ---: | ---: | ---: | ---: |"]
+    for f, s in official["by_factor"].items():
+        lines.append(f"| {f} | {s['pairs']} | {s['mean_iou']:.3f} | {s['min_iou']:.3f} | {s['exact']} |")
+    lines.append("")
+    return lines
