@@ -35,8 +35,8 @@ import torch
 
 from benchmarks.bench_query import matmul_rate
 from benchmarks.fixtures import counterfactual_queries, source_classes
-from cvae.causal.factors import FactorSCM
 from cvae.model.checkpoint import resolve_checkpoint
+from cvae.model.factors import FactorSCM
 
 
 def write_queries(path: Path, n: int, sources: dict, row_group: int = 10_000) -> None:
