@@ -52,6 +52,7 @@ class QueryActor:
 
     def __init__(self, checkpoint: str, max_samples: int, duplicate_ids: frozenset, threads: int = 1,
                  verify: bool = False):
+        # Kept lazy: torch and the model load in the actor, not in a driver that only plans the job.
         import torch
 
         from cvae.causal.image import ImageSCM
