@@ -84,6 +84,9 @@ class Record:
 
 
 RECORDS = [
+    Record("job", "the 100,000-counterfactual query job end to end per GFLOP/s, before and after "
+           "(`python -m benchmarks.bench_job`; issue 30)",
+           "benchmarks/results/job.txt", r"^(# 20|Q|  end to end|  steady)"),
     Record("notebook", "the original notebook's SVI counterfactuals next to ours, 50 queries "
            "(`python -m benchmarks.bench_notebook`)",
            "benchmarks/results/notebook/bench_notebook.txt", r"^(date|\| )"),
