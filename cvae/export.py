@@ -110,7 +110,7 @@ def _provenance(run: Path, checkpoint: Path, meta: dict, summary: dict, command:
 
 def _commit() -> str | None:
     """The commit the export ran at, with '+changes' when the tree had uncommitted changes."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]  # cvae/export.py -> the repository
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
