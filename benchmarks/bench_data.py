@@ -1,8 +1,8 @@
 """Data-layer figures: render+write of the grid as shards, the reader's images/s, and the
 number of duplicate images in the grid.
 
-    python benchmarks/bench_data.py                      # all 737,280 images (configs/full.yaml)
-    python benchmarks/bench_data.py --strides orientation=8,pos_x=2,pos_y=2   # a quick run
+    python -m benchmarks.bench_data                      # all 737,280 images (configs/full.yaml)
+    python -m benchmarks.bench_data --strides orientation=8,pos_x=2,pos_y=2   # a quick run
 """
 from __future__ import annotations
 

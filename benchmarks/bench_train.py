@@ -1,7 +1,7 @@
 """Training speed and quality, measured side by side in one run.
 
-    python benchmarks/bench_train.py [--config configs/bench.yaml] [--data DIR] [--steps 40] [--accumulate 4]
-    python benchmarks/bench_train.py --quality [--archs mlp,conv,sprite] [--epochs N]   # the long run
+    python -m benchmarks.bench_train [--config configs/bench.yaml] [--data DIR] [--steps 40] [--accumulate 4]
+    python -m benchmarks.bench_train --quality [--archs mlp,conv,sprite] [--epochs N]   # the long run
 
 Speed (default): for each of --archs, with the config's batch size and threads per worker,
   1. a plain single-process PyTorch loop (ShardReader -> model -> Adam), images/s, each in
@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.fixtures import at_once
+from cvae.config import Config, load_config
+from cvae.data.reader import ShardReader
+from cvae.data.shards import read_manifest, write_dataset
+from cvae.malloc import keep_freed_memory
+from cvae.model.networks import SupervisedVAE
 
-from benchmarks.fixtures import at_once  # noqa: E402
-from cvae.config import Config, load_config  # noqa: E402
-from cvae.data.reader import ShardReader  # noqa: E402
-from cvae.data.shards import read_manifest, write_dataset  # noqa: E402
-from cvae.malloc import keep_freed_memory  # noqa: E402
-from cvae.model.networks import SupervisedVAE  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Every loop, plain or Ray Train, is timed the same way: inside one long epoch (as real
 # training runs: glibc's page faults differ at an epoch's start), after WARMUP steps, the

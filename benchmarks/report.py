@@ -45,7 +45,7 @@ class Step:
 
 STEPS = [
     Step("data", "full-grid render + shards, reader rate, duplicates",
-         ["benchmarks/bench_data.py"],
+         ["-m", "benchmarks.bench_data"],
          headline=r"^(render|reader|load_split|duplicate|  \w+ steps)"),
     Step("scaling", "per-worker figures behind docs/scaling.md",
          ["-m", "benchmarks.bench_scaling"],
@@ -58,8 +58,8 @@ STEPS = [
           "--memory", ""],
          headline=r"^(model|network alone|in_process|end_to_end|memory)"),
     Step("train", "Ray Train against a plain PyTorch loop, per worker; reader headroom",
-         ["benchmarks/bench_train.py", "--steps", "40"],
-         ["benchmarks/bench_train.py", "--steps", "30"],
+         ["-m", "benchmarks.bench_train", "--steps", "40"],
+         ["-m", "benchmarks.bench_train", "--steps", "30"],
          headline=r"^(model|plain loop|Ray Train|reader alone|  Ray Train|  per worker|  what|  reader)"),
     Step("fidelity", "the renderer against official dSprites frames",
          ["-m", "benchmarks.bench_fidelity"],

@@ -228,7 +228,7 @@ def write_dataset(config, out_dir: str | Path, progress: Callable[[int, int, dic
     # An old manifest must not outlive the shards it names: drop it before any shard changes.
     (out_dir / MANIFEST).unlink(missing_ok=True)
     # One process is enough: rendering is a gather from 720 sprites, and lzf plus
-    # fletcher32 keep up (the full grid writes in seconds; benchmarks/bench_data.py).
+    # fletcher32 keep up (the full grid writes in seconds; python -m benchmarks.bench_data).
     entries: list[dict] = []
     for i, (split, pos) in enumerate(plan):
         entry = write_shard(out_dir / shard_name(i, total), classes[pos],
