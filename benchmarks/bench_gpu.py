@@ -56,7 +56,7 @@ from cvae.data.render import render
 from cvae.data.shards import write_dataset
 from cvae.model.checkpoint import load_checkpoint, save_checkpoint
 from cvae.model.networks import NUM_PIXELS, SupervisedVAE
-from cvae.model.train import _evaluate, _to_model
+from cvae.model.train import batch_tensors, split_loss
 from cvae.serve.queries import answer_queries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ def bench_training(device: torch.device, work: Path, epochs: int, seconds_cap: f
         for step, b in enumerate(reader.epoch(epoch)):
             if max_steps is not None and step >= max_steps:
                 break
-            x, y = _to_model(b, device)
+            x, y = batch_tensors(b, device)
             loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -308,7 +308,7 @@ def bench_training(device: torch.device, work: Path, epochs: int, seconds_cap: f
             count += len(x)
         sync(device)
         seconds = time.perf_counter() - started
-        print(f"  epoch {epoch}: train {total / count:7.2f}, test {_evaluate(model, test, device):7.2f} nats/image; "
+        print(f"  epoch {epoch}: train {total / count:7.2f}, test {split_loss(model, test, device):7.2f} nats/image; "
               f"{count / seconds:,.0f} images/s ({seconds:.1f} s)", flush=True)
         if time.perf_counter() - run_started > seconds_cap:
             print(f"  (stopped after {epoch} epochs: the {seconds_cap:.0f} s cap)")

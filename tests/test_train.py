@@ -164,11 +164,11 @@ def test_best_checkpoint_is_chosen_by_validation_loss(tmp_path, monkeypatch, val
     losses = {"validation": [5.0, 1.0, 3.0], "test": [5.0, 4.0, 2.0], "holdout": [1.0, 1.0, 1.0]}
     calls = {split: 0 for split in losses}
 
-    def fake_evaluate(model, reader, device):
+    def fake_split_loss(model, reader, device):
         calls[reader.split] += 1
         return losses[reader.split][calls[reader.split] - 1]
 
-    monkeypatch.setattr(train_module, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(train_module, "split_loss", fake_split_loss)
     result = run_training(config, tmp_path / "data", tmp_path / "train", run_name="best")
     assert calls == {"validation": 3 if validation_fraction else 0, "test": 3, "holdout": 3}
     assert result.best_by == best_by

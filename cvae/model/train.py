@@ -166,7 +166,7 @@ def _train_loop(loop: LoopConfig, data_dir: str, rank: int, world: int) -> None:
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             for split in EVAL_SPLITS:
                 if split in readers:
-                    record[f"{split}_loss"] = _evaluate(model, readers[split], device)
+                    record[f"{split}_loss"] = split_loss(model, readers[split], device)
         history = history + [record]
         report_epoch(loop, config, model, optimizer, record, history, rank)
 
@@ -187,7 +187,7 @@ def _train_epoch(loop: LoopConfig, model, optimizer, reader, epoch: int, rank_wo
     for step, batch in enumerate(_capped(reader.epoch(epoch), train.max_steps_per_epoch)):
         if loop.step_hook is not None:
             loop.step_hook(epoch, step, rank, loop.run_dir)
-        x, y = _to_model(batch, device)
+        x, y = batch_tensors(batch, device)
         # The loss is a sum over images, so summed gradients are those of one larger batch.
         last = (step + 1) % train.accumulate == 0 or step + 1 == steps
         with contextlib.nullcontext() if last or world == 1 else model.no_sync():
@@ -279,7 +279,8 @@ def _capped(batches: Iterator, max_steps: int) -> Iterator:
         yield batch
 
 
-def _to_model(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reader batch as the model's inputs: flat float images (B, 4096) and classes (B, 5)."""
     x = batch.images.to(device, non_blocking=True).reshape(len(batch.images), -1).float()
     return x, batch.classes.to(device, non_blocking=True)
 
@@ -294,14 +295,14 @@ def _all_reduce_mean(total: torch.Tensor, count: int, device: torch.device) -> t
 
 
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, reader, device: torch.device) -> float:
+def split_loss(model: torch.nn.Module, reader, device: torch.device) -> float:
     """Mean negative ELBO per image over a split; a rank without that split's shards
     adds zeros, so every rank takes part in the all-reduce."""
     module = getattr(model, "module", model)  # no DDP machinery for a forward-only pass
     module.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in reader.epoch(0):  # a fixed order: eval does not depend on the epoch
-        x, y = _to_model(batch, device)
+        x, y = batch_tensors(batch, device)
         total += module(x, y).double()
         count += len(x)
     module.train()
