@@ -42,7 +42,7 @@ from cvae.errors import OutputExistsError, OutputLocationError
 from cvae.serve.card import CARD, dataset_card
 from cvae.serve.lease import OutputLease
 from cvae.serve.queries import ERROR_SCHEMA, RESULT_SCHEMA, result_schema
-from cvae.serve.verify import check_keep, counts, folders, split_rows, verified_count
+from cvae.serve.verify import REJECTED, check_keep, counts, folders, split_rows, verified_count
 
 # One table type flows from the actors to the sink: result rows and error rows side by side,
 # told apart by `error` (null on result rows).
@@ -179,6 +179,7 @@ class AtomicParquetSink(Datasink):
             raise OutputLocationError(
                 f"output {self.about.get('out', self.out)}: {len(keep - staged)} file(s) written by this job are "
                 f"missing from {self.staging} (deleted by another job writing into the folder?); not committing")
+        self._mark_empty_folders(keep)
         self.summary = {**counts(reported, self.verify, self.keep), **self.about}
         if self.started is not None:
             self.summary["seconds"] = round(time.time() - self.started, 3)
@@ -188,6 +189,17 @@ class AtomicParquetSink(Datasink):
         if self.provenance is not None:
             self.summary["provenance"] = self.provenance
         commit(self.fs, self.staging, self.out, {**self.summary, "committed": committed}, {CARD: card})
+
+    def _mark_empty_folders(self, keep: set) -> None:
+        """A folder no row went to gets one empty part in its schema (added to `keep`), so that
+        reading it gives its columns, not a table without any (rejected/ of a job whose every
+        answer verified, results/ of a job whose every row failed)."""
+        schemas = {"results": result_schema(self.verify), "errors": ERROR_SCHEMA, REJECTED: result_schema(True)}
+        for folder in folders(self.keep):
+            if not any(name.startswith(f"{folder}/") for name in keep):
+                name = f"{folder}/part-empty.parquet"
+                pq.write_table(schemas[folder].empty_table(), f"{self.staging}/{name}", filesystem=self.fs)
+                keep.add(name)
 
     def on_write_failed(self, error: Exception) -> None:
         try:
