@@ -30,19 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
-from benchmarks.bench_query import matmul_rate
-from benchmarks.fixtures import counterfactual_queries, source_classes
+from benchmarks.bench_query import matmul_rate, write_queries
+from benchmarks.fixtures import source_classes
 from cvae.model.checkpoint import resolve_checkpoint
 from cvae.model.factors import FactorSCM
-
-
-def write_queries(path: Path, n: int, sources: dict, row_group: int = 10_000) -> None:
-    """n counterfactual queries in one Parquet file, in row groups of 10k (the reader streams them)."""
-    table = counterfactual_queries(n, seed=0, sources=sources)
-    pq.write_table(table, path, row_group_size=row_group)
 
 
 def run_job(checkpoint: str, queries: Path, out: Path, extra: list[str], tree: str | None = None) -> float:
@@ -86,7 +79,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_job-"))
     sizes = {"big": args.queries, "small": args.small}
     for size, n in sizes.items():  # sources the first checkpoint's SCM allows (the others': the same data)
-        write_queries(work / f"{size}.parquet", n, source_classes(scm))
+        write_queries(work / f"{size}.parquet", n, sources=source_classes(scm))
     runs = {(name, size): [] for name in variants for size in sizes}
     for r in range(args.repeats):
         for v, (name, (checkpoint, tree)) in enumerate(variants.items()):

@@ -166,13 +166,15 @@ def one_map_side_by_side(scm: ImageSCM, table, repeats: int) -> tuple[float, flo
     return rates["ours"], rates["kernel"]
 
 
-def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_000) -> None:
-    """Written a chunk at a time, in row groups of 10k rows (the reader streams them)."""
+def write_queries(path: Path, n: int, chunk: int = 100_000, row_group: int = 10_000,
+                  sources: dict | None = None) -> None:
+    """Written a chunk at a time, in row groups of 10k rows (the reader streams them);
+    `sources` as for `counterfactual_queries`."""
     schema = counterfactual_queries(1).schema
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, chunk):
-            writer.write_table(counterfactual_queries(min(chunk, n - start), seed=start, first_id=start),
-                               row_group_size=row_group)
+            table = counterfactual_queries(min(chunk, n - start), seed=start, first_id=start, sources=sources)
+            writer.write_table(table, row_group_size=row_group)
 
 
 def _pss(pid: int) -> int:
