@@ -23,6 +23,8 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+from cvae.logs import ray_detail
+
 AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # ray.init arguments that only make sense when starting Ray; connecting with them is an error.
 START_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard",
@@ -52,8 +54,11 @@ def init_ray(address: str | None = None, **kwargs: Any):
     """ray.init for a job: connect to `address` or RAY_ADDRESS, else start a secured local Ray.
 
     kwargs go to ray.init (num_cpus, log_to_driver, ...); those that only apply to starting
-    a Ray (START_ONLY) are dropped when connecting. Returns ray.init's context.
+    a Ray (START_ONLY) are dropped when connecting. Returns ray.init's context. Ray's own
+    INFO lines in this process ("Started a local Ray instance") show only when the job logs
+    at DEBUG (cvae.logs.ray_detail), unless `logging_level` is given.
     """
+    kwargs.setdefault("logging_level", logging.INFO if ray_detail() else logging.WARNING)
     if not sys.stdout.isatty():  # worker log prefixes without ANSI colour codes in files and pipes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address is not None or os.environ.get("RAY_ADDRESS"):

@@ -11,6 +11,8 @@ pipe (a cluster job's log) a line at every 10% instead of a bar redrawn in place
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import time
 
@@ -18,10 +20,23 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# Ray's warning that an actor's constructor arguments sit in the object store: Ray Data's
+# and Ray Train's own actors always trip it (ray-project/ray#57733), at level E.
+RAY_ACTOR_ARGS_WARNING = "has constructor arguments in the object store and max_restarts > 0"
+
+
 def configure(level: str = "INFO") -> None:
-    """Send the `cvae` and `jobs` loggers to stderr at `level` (one of LEVELS)."""
+    """Send the `cvae` and `jobs` loggers to stderr at `level` (one of LEVELS).
+
+    Below DEBUG, worker lines Ray forwards to this process skip RAY_ACTOR_ARGS_WARNING
+    (Ray's RAY_DEDUP_LOGS_SKIP_REGEX, read when Ray is imported, so set here before it is;
+    a value the user set is kept). The same line from this process's own Ray core (the
+    query job's actor pool) is printed by Ray's C++ logger, which no setting reaches short
+    of hiding every Ray error."""
     if level not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if level != "DEBUG":
+        os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", re.escape(RAY_ACTOR_ARGS_WARNING))
     handler = _Stderr()
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     for name in ("cvae", "jobs"):
@@ -52,14 +67,28 @@ def quiet_ray_data() -> None:
 
 def quiet_train_worker() -> None:
     """In a Ray Train worker process, after `configure`: our records once (Ray Train sets up
-    a console handler on the root logger there, which would print them a second time)."""
+    a console handler on the root logger there, which would print them a second time), and
+    Ray Train's per-report INFO line only at DEBUG.
+
+    That line ("Reporting training result 1: TrainingReport(...)", every epoch from every
+    worker) comes from a logger Ray 2.60 names by its file's path, outside `ray.train`, so
+    LoggingConfig(log_level=...) does not reach it: its level is set here on the logger
+    object itself, and a Ray that has moved the module keeps its line."""
     for name in ("cvae", "jobs"):
         logging.getLogger(name).propagate = False
+    if ray_detail():
+        return
+    try:
+        from ray.train.v2._internal.execution import context  # (Ray's own; imported already in a worker)
+    except ImportError:
+        return
+    if isinstance(getattr(context, "logger", None), logging.Logger):
+        context.logger.setLevel(logging.WARNING)
 
 
 def add_level_option(parser) -> None:
     """The jobs' `--log-level` option (call `configure(args.log_level)` after parsing)."""
-    parser.add_argument("--log-level", default="INFO", choices=LEVELS,
+    parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper,
                         help="messages and progress on stderr (default INFO; DEBUG adds Ray's own lines); "
                              "results go to stdout")
 

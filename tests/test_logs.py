@@ -30,3 +30,25 @@ def test_configure_checks_the_level_and_sends_cvae_records_to_stderr(capsys):
     err = capsys.readouterr().err
     assert "shown" in err and "not shown" not in err
     configure("INFO")
+
+
+def test_a_train_worker_shows_ray_trains_per_report_line_only_at_debug():
+    """Ray Train's "Reporting training result ... TrainingReport(...)" logger, named by its
+    file's path, is outside `ray.train` and its LoggingConfig: quiet_train_worker sets it."""
+    from ray.train.v2._internal.execution import context
+
+    from cvae.logs import quiet_train_worker
+
+    try:
+        configure("INFO")
+        quiet_train_worker()
+        assert not context.logger.isEnabledFor(logging.INFO)
+        configure("DEBUG")
+        context.logger.setLevel(logging.NOTSET)
+        quiet_train_worker()
+        assert context.logger.level == logging.NOTSET  # left to Ray's own configuration
+    finally:
+        context.logger.setLevel(logging.NOTSET)
+        for name in ("cvae", "jobs"):
+            logging.getLogger(name).propagate = True
+        configure("INFO")

@@ -146,6 +146,21 @@ def test_the_one_map_transposed_conv_computes_the_layer_it_stands_for(side):
     assert x.grad is not None and fast.weight.grad.shape == (32, 1, 4, 4)
 
 
+def test_the_warp_grid_is_bitwise_the_same_with_and_without_gradients():
+    """Queries build the sampling grid in place (no gradients), training by stacking: the
+    same arithmetic, so the same bits, and only the training form carries gradients."""
+    torch.manual_seed(0)
+    decoder = SupervisedVAE("warp", z_dim=6, hidden=256).decoder
+    with torch.no_grad():
+        decoder.geometry.copy_(torch.randn(6))  # a trained geometry, not the starting zeros
+    y = one_hot(_batch(64)[1])
+    with torch.no_grad():
+        queried = decoder.sampling_grid(y)
+    trained = decoder.sampling_grid(y)
+    assert queried.shape == (64, 64, 64, 2) and torch.equal(queried, trained.detach())
+    assert trained.requires_grad and not queried.requires_grad
+
+
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
         SupervisedVAE("resnet")

@@ -24,7 +24,6 @@ from pathlib import Path
 import pyarrow as pa
 
 from cvae import fs as cfs
-from cvae.model.checkpoint import META, WEIGHTS
 from cvae.serve.schema import result_schema
 
 CARD = "README.md"
@@ -46,6 +45,10 @@ ABOUT = {
 
 def provenance(checkpoint: str, pretrained: bool, queries: str, command: str | None) -> dict:
     """Where the rows come from, for the card and _SUCCESS.json."""
+    # Here, not at the top: the write tasks import this module (through cvae.serve.commit),
+    # and cvae.model.checkpoint would cost each of them torch's 1.5 s import.
+    from cvae.model.checkpoint import META, WEIGHTS
+
     out = {"checkpoint": "pretrained" if pretrained else str(checkpoint),
            "checkpoint_sha256": {name: _sha256(cfs.join(checkpoint, name)) for name in (WEIGHTS, META)},
            "model_card": _model_card(checkpoint, pretrained), "commit": _commit(),

@@ -41,7 +41,7 @@ from cvae.data.grid import OFF_GRID
 from cvae.errors import OutputExistsError, OutputLocationError
 from cvae.serve.card import CARD, dataset_card
 from cvae.serve.lease import OutputLease
-from cvae.serve.queries import ERROR_SCHEMA, RESULT_SCHEMA, result_schema
+from cvae.serve.schema import ERROR_SCHEMA, RESULT_SCHEMA, result_schema
 from cvae.serve.verify import REJECTED, check_keep, counts, folders, split_rows, verified_count
 
 # One table type flows from the actors to the sink: result rows and error rows side by side,

@@ -210,7 +210,10 @@ def _run(sink: AtomicParquetSink, run: PoolRun) -> None:
             f"query.actors: the Ray cluster has {total:g} CPUs; {actors} actors x {cpus_per_actor:g} CPUs plus "
             f"one for writing need {needed:g}: use fewer actors or cpus_per_actor")
     quiet_ray_data()
-    ds = ray.data.from_arrow_refs(query_blocks(run.files, run.fs, run.block_rows))
+    # from_items, not from_arrow_refs: its blocks' metadata is read here, where
+    # from_arrow_refs runs a remote task per block, 2 s of a small job's start-up.
+    blocks = query_blocks(run.files, run.fs, run.block_rows)
+    ds = ray.data.from_items([{PACKED: block} for block in blocks], override_num_blocks=len(blocks))
     ds = ds.map_batches(
         QueryActor,
         fn_constructor_kwargs={"checkpoint": run.checkpoint, "max_samples": run.max_samples,
@@ -228,11 +231,11 @@ def _run(sink: AtomicParquetSink, run: PoolRun) -> None:
 PACKED = "packed_queries"  # query_blocks' one column: a block of queries per row
 
 
-def query_blocks(files: list[str], fs: pafs.FileSystem, block_rows: int) -> list:
-    """The query files read here in the driver and put into the object store in blocks of at
-    most block_rows queries (one actor call each). Each block is a one-row table: its
-    queries as an Arrow IPC stream compressed with zstd (unpack), about 16 bytes a query
-    without a source image against 200 as an Arrow table, so even 100M queries fit.
+def query_blocks(files: list[str], fs: pafs.FileSystem, block_rows: int) -> list[bytes]:
+    """The query files read here in the driver, in blocks of at most block_rows queries (one
+    actor call each, the Dataset's rows). Each block holds its queries as an Arrow IPC
+    stream compressed with zstd (unpack), about 16 bytes a query without a source image
+    against 200 as an Arrow table, so even 100M queries fit.
 
     The driver has read every footer and query id already (inspect_queries). Blocks the
     driver puts live on its node, so no worker node's loss can take input with it or leave
@@ -242,15 +245,15 @@ def query_blocks(files: list[str], fs: pafs.FileSystem, block_rows: int) -> list
     over the cluster, whose loss failed the whole job.
     """
     options = pa.ipc.IpcWriteOptions(compression="zstd")
-    refs = []
+    blocks = []
     for f in files:
         with fs.open_input_file(f) as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=block_rows):
                 sink = pa.BufferOutputStream()
                 with pa.ipc.new_stream(sink, batch.schema, options=options) as stream:
                     stream.write_batch(batch)
-                refs.append(ray.put(pa.table({PACKED: pa.array([sink.getvalue().to_pybytes()], pa.large_binary())})))
-    return refs
+                blocks.append(sink.getvalue().to_pybytes())
+    return blocks
 
 
 def unpack(block: pa.Scalar) -> pa.Table:
