@@ -86,6 +86,20 @@ def test_distribution_is_bayes_rule_by_hand():
         gridded.distribution("shape", given={"scale": 3})
 
 
+def test_an_impossible_factual_row_is_explained_factor_by_factor():
+    """The refusal of a counterfactual whose source the SCM gives no mass names the factor,
+    and the classes it could take: a model trained on a strided grid refused most sources
+    of the whole grid saying only "probability zero"."""
+    strided = FactorSCM.uniform().on_grid({"orientation": 4, "pos_x": 2})
+    row = np.array([0, 5, 3, 8, 7])
+    assert not np.isfinite(strided.log_prob(row[None]))[0]
+    why = strided.why_impossible(row)
+    assert why == "orientation=3 (the SCM gives orientation mass only on 0, 4, 8, ..., 36 (every 4th) of 0..39)"
+    assert "pos_x" not in why and "scale" not in why  # pos_x=8 is on its grid
+    gridded = causal_scm().on_grid({"scale": 2})  # scale has a parent: named with it
+    assert "scale=3 given shape=" in gridded.why_impossible(np.array([1, 3, 0, 0, 0]))
+
+
 def test_on_grid_gives_off_grid_classes_no_mass():
     scm = causal_scm().on_grid({"scale": 2, "orientation": 4})
     assert (scm.tables["scale"][:, 1::2] == 0).all() and np.allclose(scm.tables["scale"].sum(1), 1)

@@ -127,6 +127,32 @@ def test_a_declared_grid_is_what_counts(tmp_path):
     assert f"do_shape=2 {OFF_GRID} (trained on shape 0, 1 of 0..2: measured)" in errors.column("error")[0].as_py()
 
 
+def test_a_grid_widened_by_coverage_widens_the_scm(tmp_path):
+    """A model trained on a strided grid whose coverage declares the whole grid answers
+    counterfactuals of every source on it. Its trainer used to save the factor SCM limited
+    to the training grid, which gave the other classes no mass: the quickstart's model
+    refused 3,984 of 4,096 sources drawn from the whole grid. Such a checkpoint's SCM is
+    read back whole; an SCM the trainer did not make that way is kept, and names what it
+    refuses."""
+    from cvae.model.factors import FactorSCM
+
+    old = make_checkpoint(tmp_path / "old", FactorSCM.uniform().on_grid(STRIDES), strides=STRIDES,
+                          grid=ModelGrid.whole().to_dict())
+    scm = ImageSCM.from_checkpoint(old, device="cpu")
+    assert np.allclose(scm.factors.tables["orientation"], 1 / 40)
+    results, errors = answer_queries(scm, rows(*ASKED))
+    assert errors.num_rows == 0, errors.to_pylist()
+    sampled = results.filter(pa.compute.equal(results.column("query_id"), "on-given"))
+    assert (sampled.column("orientation").to_numpy() % 8 != 0).any()  # unseen classes drawn too
+    # An SCM of its own (here: every 4th orientation) is the checkpoint's word: kept.
+    own = make_checkpoint(tmp_path / "own", FactorSCM.uniform().on_grid({"orientation": 4}), strides=STRIDES,
+                          grid=ModelGrid.whole().to_dict())
+    _, errors = answer_queries(ImageSCM.from_checkpoint(own, device="cpu"), rows(ASKED[1]))
+    assert errors.column("error")[0].as_py() == (
+        "the factual factors have probability zero under the SCM: orientation=13 (the SCM gives orientation "
+        "mass only on 0, 4, 8, ..., 36 (every 4th) of 0..39)")
+
+
 def test_the_api_says_what_a_model_knows(strided):
     m = CausalModel.load(strided, say=lambda line: None)
     assert m.grid.classes["orientation"].tolist() == [0, 8, 16, 24, 32]

@@ -261,6 +261,24 @@ def test_two_workers_train_the_warp_model_and_declare_what_it_answers(ray_sessio
     assert all(0 <= c["unseen_iou"] < 0.95 and not c["answered"] for c in meta["coverage"].values())
     assert ModelGrid.from_dict(meta["grid"]) == ModelGrid.of_manifest(meta["manifest"])
     assert "unseen classes measured at reconstruction IoU" in meta["grid"]["why"]["orientation"]
+    # Its SCM draws the classes it declares: every 10th orientation, as trained.
+    assert (np.flatnonzero(np.asarray(meta["scm"]["tables"]["orientation"])) == np.arange(0, 40, 10)).all()
+
+
+def test_a_checkpoint_whose_coverage_widens_its_grid_widens_its_scm(tiny_data, tmp_path, monkeypatch):
+    """The SCM saved with a checkpoint draws the classes its grid declares: where coverage
+    declares the whole grid, dSprites' uniform factors over the whole grid, not only the
+    strided classes trained on (which refused counterfactuals of every other source)."""
+    from cvae.model import report
+
+    measured = {"orientation": {"unseen_iou": 0.99, "seen_iou": 0.99, "images": 4, "answered": True}}
+    monkeypatch.setattr(report, "measure_coverage", lambda *args, **kwargs: (ModelGrid.whole(), measured))
+    result = run_training(tiny_config(num_workers=0, epochs=1, max_steps_per_epoch=2), tiny_data, tmp_path,
+                          run_name="widened")
+    meta = load_meta(result.latest_checkpoint)
+    assert ModelGrid.from_dict(meta["grid"]).is_whole() and meta["coverage"] == measured
+    assert np.allclose(meta["scm"]["tables"]["orientation"], 1 / 40)
+    assert np.allclose(meta["scm"]["tables"]["pos_x"], 1 / 32)
 
 
 def test_job_reports_bad_input_without_a_traceback(tmp_path, capsys):

@@ -91,7 +91,7 @@ class ImageSCM:
         """Load the VAE and the SCM recorded in the checkpoint's meta ("scm", "config", "manifest")."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae, meta = load_checkpoint(directory, device=dev)
-        factors = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
+        factors = FactorSCM.of_checkpoint(meta)
         abduct_z = (meta.get("config") or {}).get("scm", {}).get("abduct_z", "mean")
         ground_truth = None
         if meta.get("manifest"):

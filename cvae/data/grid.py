@@ -212,12 +212,8 @@ class ModelGrid:
         return int(np.prod([len(c) for c in self.classes.values()]))
 
     def describe(self, factor: str) -> str:
-        """The factor's classes, short: "0, 8, 16, 24, 32" or "0, 2, 4, ..., 30 (every 2nd)"."""
-        c = self.classes[factor].tolist()
-        steps = np.diff(c)
-        if len(c) > 6 and len(set(steps.tolist())) == 1:
-            return f"{c[0]}, {c[1]}, {c[2]}, ..., {c[-1]} (every {_ordinal(int(steps[0]))})"
-        return ", ".join(map(str, c))
+        """The factor's classes, short (describe_classes)."""
+        return describe_classes(self.classes[factor])
 
     def refusal(self, name: str, factor: str, value: int) -> str:
         """The error text for a query naming `value` of `factor` as column `name`."""
@@ -235,6 +231,16 @@ class ModelGrid:
             return "ModelGrid(whole grid: 737,280 images)"
         parts = [f"{f} {self.describe(f)}" for f in FACTORS if not self.is_whole(f)]
         return f"ModelGrid({self.size():,} images: {'; '.join(parts)}; other factors whole)"
+
+
+def describe_classes(classes) -> str:
+    """Classes, short: "0, 8, 16, 24, 32", "0, 2, 4, ..., 30 (every 2nd)" or "0, 1, 2, ..., 39"."""
+    c = [int(v) for v in classes]
+    steps = np.diff(c)
+    if len(c) > 6 and len(set(steps.tolist())) == 1:
+        every = f" (every {_ordinal(int(steps[0]))})" if steps[0] > 1 else ""
+        return f"{c[0]}, {c[1]}, {c[2]}, ..., {c[-1]}{every}"
+    return ", ".join(map(str, c)) if c else "no class"
 
 
 def _ordinal(n: int) -> str:

@@ -185,7 +185,7 @@ def evaluate(results: str | Path, checkpoint: str | Path, out_dir: str | Path, q
 
         files = _results_files(Path(results_local))
         interventions = _interventions(Path(queries_local))
-        world = FactorSCM.of_dataset(manifest)
+        world = FactorSCM.of_dataset(manifest, scm.grid.classes)  # dSprites' world on the classes it answers
         trained = ModelGrid.of_manifest(manifest)
         state = _State(truth, readout, world, descendants(world.edges), manifest.get("holdout") or [],
                        None if trained.is_whole() else trained, figures_per_factor, reversibility_samples,

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cvae.data.grid import FACTOR_SIZES, FACTORS, factor_order, strided_classes
+from cvae.data.grid import FACTOR_SIZES, FACTORS, ModelGrid, describe_classes, factor_order, strided_classes
 from cvae.errors import ConfigError, CvaeError
 from cvae.rng import STREAM_GUMBEL, gumbels, row_keys, uniforms
 
@@ -119,13 +119,35 @@ class FactorSCM:
         return cls(edges, tables)
 
     @classmethod
-    def of_dataset(cls, manifest: dict) -> FactorSCM:
+    def of_checkpoint(cls, meta: dict) -> FactorSCM:
+        """A checkpoint's factor SCM, its "scm" (to be limited to the classes it answers).
+
+        Checkpoints saved before the SCM followed the declared grid (cvae.model.report) hold
+        their config's tables limited to the training grid, which gave the classes coverage
+        added no mass and refused every counterfactual of a source there. Where the saved
+        SCM is exactly that (tables `uniform` or `given`, which need no data), the config's
+        tables are returned whole instead; any other saved SCM is returned as it is."""
+        saved = cls.from_dict(meta["scm"]) if meta.get("scm") else cls.uniform()
+        config = (meta.get("config") or {}).get("scm") or {}
+        if config.get("tables", "uniform") not in ("uniform", "given") or not meta.get("manifest"):
+            return saved
+        whole = cls.from_config(config)
+        trained = whole.on_classes(ModelGrid.of_manifest(meta["manifest"]).classes)
+        same = saved.edges == trained.edges and all(
+            np.allclose(saved.tables[f], trained.tables[f], rtol=0, atol=1e-12) for f in FACTORS)
+        return whole if same else saved
+
+    @classmethod
+    def of_dataset(cls, manifest: dict, classes: dict | None = None) -> FactorSCM:
         """The factor SCM a dataset's factors were drawn from, by its manifest: the `scm`
         a 'scm' generator sampled from (tables given in the config), else dSprites' own
-        independent uniform factors on the dataset's (strided) grid. This is the truth that
-        counterfactuals of descendants and the condition/intervene families are scored
-        against, whatever tables a checkpoint learned."""
+        independent uniform factors on the dataset's (strided) grid, or on `classes` (a
+        model's grid) when given. This is the truth that counterfactuals of descendants and
+        the condition/intervene families are scored against, whatever tables a checkpoint
+        learned."""
         if manifest.get("generator") != "scm":
+            if classes is not None:
+                return cls.uniform().on_classes(classes)
             return cls.uniform().on_grid((manifest.get("grid") or {}).get("strides") or {})
         if not manifest.get("scm"):
             raise ScmError("manifest: generator 'scm' without the 'scm' it sampled from")
@@ -191,6 +213,20 @@ class FactorSCM:
         for i, f in enumerate(FACTORS):
             total += self.log_table(f, classes)[rows, classes[:, i]]
         return total
+
+    def why_impossible(self, classes: np.ndarray) -> str:
+        """For one row of classes that log_prob finds impossible: which factors have
+        probability zero, and which classes they could take instead (for error messages)."""
+        classes = np.asarray(classes, dtype=np.int64).reshape(1, -1)
+        reasons = []
+        for i, f in enumerate(FACTORS):
+            p = np.exp(self.log_table(f, classes)[0])
+            if p[classes[0, i]] > 0:
+                continue
+            parents = ", ".join(f"{q}={classes[0, FACTORS.index(q)]}" for q in self.parents[f])
+            reasons.append(f"{f}={classes[0, i]}{' given ' + parents if parents else ''} (the SCM gives {f} "
+                           f"mass only on {describe_classes(np.flatnonzero(p))} of 0..{FACTOR_SIZES[f] - 1})")
+        return "; ".join(reasons)
 
     def prior_gumbels(self, keys: np.ndarray) -> dict[str, np.ndarray]:
         return {f: gumbels(uniforms(keys, STREAM_GUMBEL + i, FACTOR_SIZES[f]))

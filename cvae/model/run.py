@@ -30,7 +30,7 @@ class LoopConfig:
     data_dir: str  # the dataset folder: an absolute path or a URI
     manifest: dict  # the dataset's manifest
     manifest_counts: dict  # rows per split
-    scm: dict  # the factor SCM fitted to the training rows (FactorSCM.to_dict), for every checkpoint
+    scm: dict  # the factor SCM of the config (fitted to the training rows), before a grid limits it
     grid: dict  # the classes the training split holds (ModelGrid.to_dict)
     score: str  # the metric the best checkpoint is chosen by (checkpoint.score_metric)
     out: str  # the output folder: an absolute path or a URI

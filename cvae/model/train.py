@@ -361,9 +361,9 @@ def _loop(config: Config, data_dir: str | Path, out_dir: str | Path, run_name: s
     with fs.staged(data_uri, only=None if fit else [MANIFEST]) as data_local:
         manifest = read_manifest(data_local)
         classes = load_split(data_local, "train")["classes"] if fit else None
-        # The model answers the classes it trains on, and its SCM draws only those.
+        # Each checkpoint limits the SCM to the classes it answers (cvae.model.report).
         grid = ModelGrid.of_manifest(manifest)
-        scm = FactorSCM.from_config(config.scm, classes).on_classes(grid.classes)
+        scm = FactorSCM.from_config(config.scm, classes)
     local_mode = config.train.num_workers == 0
     if local_mode and remote:
         raise ConfigError(f"train.num_workers: 0 (local mode) writes checkpoints to a local "

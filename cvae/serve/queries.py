@@ -261,7 +261,8 @@ def _check_evidence(scm: ImageSCM, rows: _Rows, factual: np.ndarray) -> None:
     cf = np.flatnonzero(ok & (rows.kinds == "counterfactual"))
     if len(cf):
         for i in cf[~np.isfinite(scm.factors.log_prob(factual[cf]))]:
-            rows.problems[i].append("the factual factors have probability zero under the SCM")
+            rows.problems[i].append("the factual factors have probability zero under the SCM: "
+                                    + scm.factors.why_impossible(factual[i]))
     fwd = np.flatnonzero(ok & ((rows.kinds == "condition") | (rows.kinds == "intervene")))
     if len(fwd):
         given = np.where(rows.present["given_"][fwd], rows.values["given_"][fwd], -1)
