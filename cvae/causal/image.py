@@ -26,7 +26,7 @@ from torch.distributions import constraints
 from cvae.data.grid import FACTOR_SIZES, FACTORS, IMAGE_SIZE, ModelGrid
 from cvae.data.groundtruth import GroundTruth
 from cvae.malloc import keep_freed_memory
-from cvae.model.checkpoint import load_checkpoint, model_grid
+from cvae.model.checkpoint import checkpoint_scm, load_checkpoint, model_grid
 from cvae.model.factors import FactorSCM, ScmError
 from cvae.rng import STREAM_PIXELS, STREAM_POSTERIOR, STREAM_Z, uniforms
 
@@ -91,7 +91,7 @@ class ImageSCM:
         """Load the VAE and the SCM recorded in the checkpoint's meta ("scm", "config", "manifest")."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vae, meta = load_checkpoint(directory, device=dev)
-        factors = FactorSCM.of_checkpoint(meta)
+        factors = checkpoint_scm(meta)
         abduct_z = (meta.get("config") or {}).get("scm", {}).get("abduct_z", "mean")
         ground_truth = None
         if meta.get("manifest"):

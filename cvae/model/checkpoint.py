@@ -27,13 +27,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
 
 from cvae import fs
-from cvae.data.grid import ModelGrid
+from cvae.data.grid import FACTORS, ModelGrid
 from cvae.data.groundtruth import GroundTruth
 from cvae.errors import CvaeError, DataError
+from cvae.model.factors import FactorSCM
 from cvae.model.networks import SupervisedVAE
 
 WEIGHTS = "model.pt"
@@ -197,6 +199,25 @@ def model_grid(meta: dict) -> ModelGrid:
     if meta.get("manifest"):
         return ModelGrid.of_manifest(meta["manifest"])
     return ModelGrid.whole()
+
+
+def checkpoint_scm(meta: dict) -> FactorSCM:
+    """A checkpoint's factor SCM, its "scm" (to be limited to the classes it answers, its grid).
+
+    Checkpoints saved before the SCM followed the declared grid (cvae.model.report) hold
+    their config's tables limited to the training grid, which gave the classes coverage
+    added no mass and refused every counterfactual of a source there. Where the saved SCM
+    is exactly that (tables `uniform` or `given`, which need no data), the config's tables
+    are returned whole instead; any other saved SCM is returned as it is."""
+    saved = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
+    config = (meta.get("config") or {}).get("scm") or {}
+    if config.get("tables", "uniform") not in ("uniform", "given") or not meta.get("manifest"):
+        return saved
+    whole = FactorSCM.from_config(config)
+    trained = whole.on_classes(ModelGrid.of_manifest(meta["manifest"]).classes)
+    same = saved.edges == trained.edges and all(
+        np.allclose(saved.tables[f], trained.tables[f], rtol=0, atol=1e-12) for f in FACTORS)
+    return whole if same else saved
 
 
 def _check_world(path: str | Path, meta: dict) -> None:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cvae.data.grid import FACTOR_SIZES, FACTORS, ModelGrid, describe_classes, factor_order, strided_classes
+from cvae.data.grid import FACTOR_SIZES, FACTORS, describe_classes, factor_order, strided_classes
 from cvae.errors import ConfigError, CvaeError
 from cvae.rng import STREAM_GUMBEL, gumbels, row_keys, uniforms
 
@@ -117,25 +117,6 @@ class FactorSCM:
             sums = counts.sum(axis=-1, keepdims=True)
             tables[f] = np.where(sums > 0, counts / np.where(sums > 0, sums, 1.0), 1.0 / shape[-1])
         return cls(edges, tables)
-
-    @classmethod
-    def of_checkpoint(cls, meta: dict) -> FactorSCM:
-        """A checkpoint's factor SCM, its "scm" (to be limited to the classes it answers).
-
-        Checkpoints saved before the SCM followed the declared grid (cvae.model.report) hold
-        their config's tables limited to the training grid, which gave the classes coverage
-        added no mass and refused every counterfactual of a source there. Where the saved
-        SCM is exactly that (tables `uniform` or `given`, which need no data), the config's
-        tables are returned whole instead; any other saved SCM is returned as it is."""
-        saved = cls.from_dict(meta["scm"]) if meta.get("scm") else cls.uniform()
-        config = (meta.get("config") or {}).get("scm") or {}
-        if config.get("tables", "uniform") not in ("uniform", "given") or not meta.get("manifest"):
-            return saved
-        whole = cls.from_config(config)
-        trained = whole.on_classes(ModelGrid.of_manifest(meta["manifest"]).classes)
-        same = saved.edges == trained.edges and all(
-            np.allclose(saved.tables[f], trained.tables[f], rtol=0, atol=1e-12) for f in FACTORS)
-        return whole if same else saved
 
     @classmethod
     def of_dataset(cls, manifest: dict, classes: dict | None = None) -> FactorSCM:

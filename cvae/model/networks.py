@@ -319,14 +319,13 @@ class WarpDecoder(nn.Module):
         pixels = torch.arange(IMAGE_SIZE, dtype=y.dtype, device=y.device)
         dx = pixels.view(1, 1, -1) - centre_x.view(-1, 1, 1)  # (B, 1, 64)
         dy = pixels.view(1, -1, 1) - centre_y.view(-1, 1, 1)  # (B, 64, 1)
-        half = WARP_SPAN / 2
+        # Scaled first: half is a power of two, so scaling before or after rounds alike.
+        dx, dy = dx / (WARP_SPAN / 2), dy / (WARP_SPAN / 2)
         cos, sin = cos.view(-1, 1, 1), sin.view(-1, 1, 1)
         if torch.is_grad_enabled():  # training: out= takes no gradients
-            return torch.stack([(dx * cos - dy * sin) / half, (dx * sin + dy * cos) / half], dim=-1)
-        # Queries: written straight into the grid's two planes, where stacking copied both,
-        # and dx, dy scaled first: half is a power of two, so scaling before or after rounds
-        # alike. A quarter of the time, bitwise the same (tests/test_model.py).
-        dx, dy = dx / half, dy / half
+            return torch.stack([dx * cos - dy * sin, dx * sin + dy * cos], dim=-1)
+        # Queries: written straight into the grid's two planes, where stacking copied both;
+        # bitwise the same (tests/test_model.py).
         grid = dx.new_empty(len(y), IMAGE_SIZE, IMAGE_SIZE, 2)
         torch.sub(dx * cos, dy * sin, out=grid[..., 0])
         torch.add(dx * sin, dy * cos, out=grid[..., 1])
