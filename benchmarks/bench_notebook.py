@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_notebook [--checkpoint runs/bench-mlp/train] [--data runs/bench-mlp/data]
                                         [--queries 50] [--steps 1500] [--bulk 100000] [--no-end-to-end]
-                                        [--notebook-threads N] [--out benchmarks/results/notebook]
+                                        [--notebook-threads N] [--interleave 10]
+                                        [--out benchmarks/results/notebook]
 
 Issue 14, section 1. The original notebook is `causal_vae_dsprites_Counterfactual.ipynb` of
 github.com/Gourang97/Causal-Variational-Autoencoders (its README lists Robert Ness among the
@@ -34,7 +35,10 @@ notebook query, so both methods are sampled under the same load on this shared m
 in-process on --bulk rows (the same queries repeated under new ids), and end to end:
 `python -m jobs.query` in a subprocess (Parquet in, Ray actor pool, Parquet out; Python and
 Ray start-up included) on the same queries and on the bulk rows; the bulk and end-to-end
-runs each once before the notebook's loop and once after it.
+runs each once before the notebook's loop and once after it, and the end-to-end bulk job (the
+headline ratio) also after every --interleave notebook queries: each such job is paired with
+the notebook queries timed around it (the --interleave before it and after it), so the ratio
+is also read pair by pair, both methods under the same load.
 
 Queries: --queries counterfactuals from the test split of the checkpoint's dataset (seeded
 sources, one random other value of each factor per source: do(shape), do(scale),
@@ -247,6 +251,23 @@ def quality(images: np.ndarray, true_cf: np.ndarray, do: np.ndarray, factual: np
     return overall.summary(), {f: s.summary() for f, s in by_factor.items()}
 
 
+def paired_ratios(nb_s: list[float], bulk_s: list[float], after: list[int], rows: int, window: int) -> list[str]:
+    """The headline ratio read pair by pair: each end-to-end bulk job against the median of the
+    notebook queries timed around it (up to `window` before it and `window` after it)."""
+    pairs = []
+    for s, done in zip(bulk_s, after):
+        near = nb_s[max(0, done - window): done + window]
+        if near:
+            pairs.append((float(np.median(near)) / (s / rows), done, len(near)))
+    if not pairs:
+        return []
+    r = np.array([p[0] for p in pairs])
+    return ["", f"end to end bulk, paired with the notebook queries around each job ({window} before and after): "
+            f"notebook / ours median {ratio(float(np.median(r)))}, lowest {ratio(float(r.min()))}, highest "
+            f"{ratio(float(r.max()))} over {len(pairs)} jobs (after notebook query "
+            + ", ".join(f"{d}: {ratio(x)}" for x, d, _ in pairs) + ")"]
+
+
 def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -272,6 +293,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--notebook-threads", type=int, default=0,
                         help="torch threads for the notebook's loop (default: the faster of 1 and all, timed)")
+    parser.add_argument("--interleave", type=int, default=10,
+                        help="run the end-to-end bulk job again after every N notebook queries (0: only before "
+                             "and after the loop)")
     parser.add_argument("--figure-columns", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/notebook")
     args = parser.parse_args()
@@ -315,8 +339,15 @@ def main() -> None:
     heavy = {"ours, in-process, bulk": (args.bulk, []), "ours, end to end (jobs.query)": (n, []),
              "ours, end to end (jobs.query), bulk": (args.bulk, [])}
     identical = []
+    bulk_after = []  # the notebook queries done before each end-to-end bulk job, for the paired ratio
 
-    def heavy_runs() -> None:
+    def bulk_job(work: Path, done: int) -> None:
+        s, _ = end_to_end(checkpoint, repeated(table, args.bulk), args.config, work, "bulk")
+        heavy["ours, end to end (jobs.query), bulk"][1].append(s)
+        bulk_after.append(done)
+        print(f"ours end to end bulk: {args.bulk} in {s:.1f} s", flush=True)
+
+    def heavy_runs(done: int) -> None:
         if args.bulk:
             t = time.perf_counter()
             answer_queries(scm, repeated(table, args.bulk))
@@ -333,11 +364,9 @@ def main() -> None:
             print(f"ours end to end: {n} in {e2e_s:.1f} s (answers identical to in-process: {identical[-1]})",
                   flush=True)
             if args.bulk:
-                s, _ = end_to_end(checkpoint, repeated(table, args.bulk), args.config, Path(work), "bulk")
-                heavy["ours, end to end (jobs.query), bulk"][1].append(s)
-                print(f"ours end to end bulk: {args.bulk} in {s:.1f} s", flush=True)
+                bulk_job(Path(work), done)
 
-    heavy_runs()
+    heavy_runs(0)
 
     # ---- the notebook's method, one query at a time
     threads = torch.get_num_threads()
@@ -370,8 +399,14 @@ def main() -> None:
             torch.set_num_threads(nb_threads)
             print(f"notebook {i + 1}/{n} ({table['query_id'][i]}): {nb_s[-1]:.1f} s (CPU {nb_cpu[-1]:.1f} s), "
                   f"classes {nb[-1]['classes'].tolist()} want {want[i].tolist()}", flush=True)
+            if args.interleave and args.bulk and not args.no_end_to_end and 0 < i + 1 < n \
+                    and (i + 1) % args.interleave == 0:
+                torch.set_num_threads(threads)
+                with tempfile.TemporaryDirectory(prefix="bench_notebook_") as work:
+                    bulk_job(Path(work), i + 1)
+                torch.set_num_threads(nb_threads)
     torch.set_num_threads(threads)
-    heavy_runs()
+    heavy_runs(n)
     nb_img = np.stack([r["image"] for r in nb])
     nb_cls = np.stack([r["classes"] for r in nb])
     per_nb = float(np.mean(nb_s))
@@ -403,7 +438,8 @@ def main() -> None:
              "The machine is shared, so each method is timed more than once where it is cheap: the notebook "
              "once per query (each does the same work, 1,500 steps on one image), ours in-process on the same "
              "queries once at the start and again after every notebook query (the same load); the bulk and end "
-             "to end runs once before the notebook's loop and once after it. Per query: the median run and the "
+             "to end runs once before the notebook's loop and once after it, the end-to-end bulk job also "
+             f"after every {args.interleave} notebook queries. Per query: the median run and the "
              "fastest run (a run's seconds / its queries); "
              "ratio: the notebook's per query over this row's, median over median and fastest over fastest "
              "(the fastest runs are the ones the load disturbed least).",
@@ -415,6 +451,8 @@ def main() -> None:
         med, low = float(np.median(runs)) / count, float(min(runs)) / count
         lines.append(f"| {name} | {count} | {len(runs)} | {seconds_text(med)} | {seconds_text(low)} | "
                      f"{ratio(med_nb / med)} | {ratio(min_nb / low)} |")
+    lines += paired_ratios(nb_s, heavy["ours, end to end (jobs.query), bulk"][1], bulk_after, args.bulk,
+                           args.interleave or n)
     lines += ["", f"notebook per query: mean {per_nb:.1f} s, median {med_nb:.1f} s, min {min_nb:.1f} s, "
               f"max {max(nb_s):.1f} s, CPU time mean {np.mean(nb_cpu):.1f} s (the machine is shared: a query much "
               f"longer than its CPU time waited for the CPUs); torch threads: ours {threads}, the notebook's loop "

@@ -89,7 +89,8 @@ RECORDS = [
            "benchmarks/results/job.txt", r"^(# 20|Q|  end to end|  steady)"),
     Record("notebook", "the original notebook's SVI counterfactuals next to ours, 50 queries "
            "(`python -m benchmarks.bench_notebook`)",
-           "benchmarks/results/notebook/bench_notebook.txt", r"^(date|\| )"),
+           "benchmarks/results/notebook/bench_notebook.txt",
+           r"^(date|notebook method|notebook per query|\| |end to end bulk, paired)"),
     Record("notebook-table", "the notebook's training table, reproduced on the full grid "
            "(`python -m jobs.pipeline --config configs/notebook-table.yaml`)",
            "benchmarks/results/notebook-table/README.md", r"^\| "),
