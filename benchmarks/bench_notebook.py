@@ -258,14 +258,14 @@ def paired_ratios(nb_s: list[float], bulk_s: list[float], after: list[int], rows
     for s, done in zip(bulk_s, after):
         near = nb_s[max(0, done - window): done + window]
         if near:
-            pairs.append((float(np.median(near)) / (s / rows), done, len(near)))
+            pairs.append((float(np.median(near)) / (s / rows), done))
     if not pairs:
         return []
     r = np.array([p[0] for p in pairs])
     return ["", f"end to end bulk, paired with the notebook queries around each job ({window} before and after): "
             f"notebook / ours median {ratio(float(np.median(r)))}, lowest {ratio(float(r.min()))}, highest "
             f"{ratio(float(r.max()))} over {len(pairs)} jobs (after notebook query "
-            + ", ".join(f"{d}: {ratio(x)}" for x, d, _ in pairs) + ")"]
+            + ", ".join(f"{d}: {ratio(x)}" for x, d in pairs) + ")"]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -438,8 +438,9 @@ def main() -> None:
              "The machine is shared, so each method is timed more than once where it is cheap: the notebook "
              "once per query (each does the same work, 1,500 steps on one image), ours in-process on the same "
              "queries once at the start and again after every notebook query (the same load); the bulk and end "
-             "to end runs once before the notebook's loop and once after it, the end-to-end bulk job also "
-             f"after every {args.interleave} notebook queries. Per query: the median run and the "
+             "to end runs once before the notebook's loop and once after it"
+             + (f", the end-to-end bulk job also after every {args.interleave} notebook queries" if args.interleave
+                else "") + ". Per query: the median run and the "
              "fastest run (a run's seconds / its queries); "
              "ratio: the notebook's per query over this row's, median over median and fastest over fastest "
              "(the fastest runs are the ones the load disturbed least).",
