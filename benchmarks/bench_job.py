@@ -34,8 +34,7 @@ import torch
 
 from benchmarks.bench_query import matmul_rate, write_queries
 from benchmarks.fixtures import source_classes
-from cvae.model.checkpoint import resolve_checkpoint
-from cvae.model.factors import FactorSCM
+from cvae.model.checkpoint import checkpoint_scm, model_grid, resolve_checkpoint
 
 
 def run_job(checkpoint: str, queries: Path, out: Path, extra: list[str], tree: str | None = None) -> float:
@@ -49,8 +48,9 @@ def run_job(checkpoint: str, queries: Path, out: Path, extra: list[str], tree: s
     if done.returncode:
         raise SystemExit(f"jobs.query failed ({done.returncode}):\n{done.stderr[-4000:]}")
     summary = json.loads((out / "_SUCCESS.json").read_text())
-    if summary.get("errors"):
-        raise SystemExit(f"jobs.query answered with {summary['errors']} error rows: the queries should all be valid")
+    if summary["error_rows"] or summary["result_rows"] != summary["queries"]:  # a refused row is no answer
+        raise SystemExit(f"jobs.query answered {summary['result_rows']} of {summary['queries']} queries "
+                         f"({summary['error_rows']} error rows): the queries should all be answered")
     return seconds
 
 
@@ -74,7 +74,7 @@ def main() -> None:
         first = next(iter(variants.items()))
         variants[f"{first[0]}, code of {args.baseline_tree}"] = (first[1][0], str(Path(args.baseline_tree).resolve()))
     meta = json.loads((Path(next(iter(variants.values()))[0]) / "checkpoint.json").read_text())
-    scm = FactorSCM.from_dict(meta["scm"]) if meta.get("scm") else FactorSCM.uniform()
+    scm = checkpoint_scm(meta).on_classes(model_grid(meta).classes)  # the SCM the actors answer with
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads for the matmul rate", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench_job-"))
     sizes = {"big": args.queries, "small": args.small}
